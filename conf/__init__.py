@@ -1,0 +1,1 @@
+"""Configuration shipped as package data: the root `train.yaml` and core groups."""

@@ -1,0 +1,90 @@
+"""LoRA, DoRA and IA3 through PEFT, on Hugging Face models and on any other nn.Module.
+
+For a ``transformers`` model ``get_peft_model`` gives the usual ``PeftModel``
+(saves ``adapter_config.json`` + ``adapter_model.safetensors``, loads with
+``PeftModel.from_pretrained``). Other modules (CLIP towers, UNets, plain
+``nn.Sequential``) go through the same call: PEFT's custom-model support wraps
+them in a ``PeftModel`` too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from modalforge.interfaces import Adapter
+
+
+class _PeftAdapter(Adapter):
+    is_peft = True
+
+    def _config(self, targets: list[str] | str | None) -> Any:
+        raise NotImplementedError
+
+    def _targets(self, configured: list[str] | str | None, default: list[str] | str | None) -> list[str] | str:
+        return configured or default or "all-linear"
+
+    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None) -> nn.Module:
+        from peft import get_peft_model
+
+        return get_peft_model(module, self._config(default_targets))
+
+    def save(self, module: nn.Module, directory: str | Path) -> None:
+        module.save_pretrained(str(directory))
+
+    def merge(self, module: nn.Module) -> nn.Module:
+        return module.merge_and_unload() if hasattr(module, "merge_and_unload") else module
+
+
+class LoraAdapter(_PeftAdapter):
+    """Low-rank adapters (``use_dora`` for DoRA).
+
+    Args:
+        r: rank. alpha: scaling numerator (scale = alpha / r). dropout: on the adapter input.
+        target_modules: module names or ``all-linear``; ``None`` uses the plugin's default.
+        modules_to_save: modules trained in full and saved beside the adapter (e.g. a new head).
+        bias: ``none``, ``all`` or ``lora_only``.
+    """
+
+    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: list[str] | str | None = None,
+                 modules_to_save: list[str] | None = None, bias: str = "none", use_dora: bool = False,
+                 use_rslora: bool = False) -> None:
+        self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, target_modules
+        self.modules_to_save, self.bias, self.use_dora, self.use_rslora = modules_to_save, bias, use_dora, use_rslora
+
+    def _config(self, default_targets: list[str] | str | None) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self._targets(self.target_modules, default_targets),
+                          modules_to_save=self.modules_to_save, bias=self.bias, use_dora=self.use_dora,
+                          use_rslora=self.use_rslora)
+
+
+class DoraAdapter(LoraAdapter):
+    """Weight-decomposed LoRA (DoRA): LoRA on the direction, a learned magnitude per output."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["use_dora"] = True
+        super().__init__(**kwargs)
+
+
+class IA3Adapter(_PeftAdapter):
+    """IA3: learned rescaling vectors on attention and feed-forward activations.
+
+    Args:
+        target_modules: modules whose outputs are rescaled; ``None`` uses the plugin's default.
+        feedforward_modules: the subset of targets that are feed-forward layers (rescaled on input).
+    """
+
+    def __init__(self, target_modules: list[str] | str | None = None,
+                 feedforward_modules: list[str] | str | None = None) -> None:
+        self.target_modules, self.feedforward_modules = target_modules, feedforward_modules
+
+    def _config(self, default_targets: list[str] | str | None) -> Any:
+        from peft import IA3Config
+
+        targets = self._targets(self.target_modules, default_targets)
+        return IA3Config(target_modules=targets, feedforward_modules=self.feedforward_modules or [])

@@ -1,0 +1,1 @@
+"""Callbacks every run gets: progress bar, throughput, final export."""

@@ -1,0 +1,18 @@
+"""A rich progress bar in a terminal, a plain tqdm bar in logs and CI.
+
+Rich's live display redraws in place, which turns into thousands of lines when
+stdout is a file; there the tqdm bar (one line per refresh) reads better.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+
+
+def progress_bar(refresh_rate: int = 1, leave: bool = True) -> ProgressBar:
+    """Rich when interactive, otherwise TQDM refreshed every 10 steps."""
+    if sys.stdout.isatty():
+        return RichProgressBar(refresh_rate=refresh_rate, leave=leave)
+    return TQDMProgressBar(refresh_rate=max(refresh_rate, 10))

@@ -1,0 +1,1 @@
+"""Shared data plumbing: readers, validation, packing, collators, synthetic demo data."""

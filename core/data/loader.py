@@ -1,0 +1,99 @@
+"""Dataloaders that shard by rank and resume mid-epoch.
+
+Lightning restores the step, optimizer and scheduler, but a plain DataLoader
+restarts its epoch from the first batch, so a resumed run would see some
+examples twice and others never. Lightning saves the ``state_dict`` of any
+dataloader that has one (``_Stateful``) in the checkpoint and restores it on
+resume; ``ResumableDataLoader`` uses that hook to skip exactly the batches the
+interrupted run had consumed. Written by hand: torch's ``DistributedSampler``
+cannot start mid-epoch and torchdata's StatefulDataLoader is not a dependency.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sized
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded per-epoch permutation, sharded across ranks, that can start at an offset.
+
+    Every rank gets ``ceil(n / world)`` indices (padded by wrapping, like
+    ``DistributedSampler``). ``set_epoch`` is called by Lightning at each epoch.
+    """
+
+    def __init__(self, data_source: Sized, *, shuffle: bool = True, seed: int = 0) -> None:
+        self.data_source = data_source
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+        self._skip_epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._skip_epoch is not None and epoch != self._skip_epoch:
+            self.skip, self._skip_epoch = 0, None
+        self.epoch = epoch
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Start ``epoch`` after its first ``skip`` indices (of this rank)."""
+        self.epoch, self.skip, self._skip_epoch = epoch, skip, epoch
+
+    def _indices(self) -> list[int]:
+        n = len(self.data_source)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=generator).tolist()
+        else:
+            order = list(range(n))
+        rank, world = _rank_world()
+        per_rank = -(-n // world)
+        padded = order + order[: per_rank * world - n]
+        return padded[rank::world]
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self._indices()
+        skip, self.skip, self._skip_epoch = self.skip, 0, None
+        return iter(indices[skip:])
+
+    def __len__(self) -> int:
+        _, world = _rank_world()
+        return -(-len(self.data_source) // world)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a ``ResumableSampler`` whose position is saved in checkpoints."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 collate_fn: Callable[[list[Any]], Any] | None = None, num_workers: int = 0,
+                 drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> None:
+        sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                         num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
+                         persistent_workers=False, **kwargs)
+        self.batches_yielded = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        self.batches_yielded = sampler.skip // self.batch_size if sampler.skip else 0
+        for batch in super().__iter__():
+            self.batches_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        return {"epoch": sampler.epoch, "batches_yielded": self.batches_yielded, "seed": sampler.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        sampler.seed = state.get("seed", sampler.seed)
+        sampler.resume(int(state["epoch"]), int(state["batches_yielded"]) * int(self.batch_size or 1))

@@ -1,0 +1,216 @@
+"""The one LightningModule: joins an Objective, an Adapter and the optimizer.
+
+Plugins never subclass it. It builds the model(s) late (``configure_model``, so
+FSDP/DeepSpeed can shard them at creation), applies the adapter to the module
+the Objective names, keeps frozen helpers frozen and out of checkpoints, builds
+the optimizer over trainable parameters only, and logs what the Objective reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from modalforge.interfaces import Adapter, DataModule, Objective, StepOutput
+from modalforge.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class TrainingModule(L.LightningModule):
+    """Generic training wrapper; see the module docstring.
+
+    Args:
+        objective: what is learned (owns the models and metrics).
+        adapter: how parameters are trained (full, freeze, LoRA...).
+        optim: the ``optim`` config (see ``conf/train.yaml``).
+        gradient_checkpointing: trade compute for activation memory.
+        num_samples: human-readable samples produced at each validation.
+        compile: ``torch.compile`` the adapter target.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        adapter: Adapter,
+        optim: Mapping[str, Any],
+        *,
+        gradient_checkpointing: bool = False,
+        num_samples: int = 3,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.objective = objective
+        self.adapter = adapter
+        self.optim_config = dict(optim)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.num_samples = num_samples
+        self.compile_target = compile
+        self.last_num_tokens: int | None = None
+        self.last_batch_size: int | None = None
+        self._configured = False
+
+    # ---- model building ---------------------------------------------------------------
+    def _datamodule(self) -> DataModule | None:
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return dm if dm is not None else self.objective.datamodule
+
+    def configure_model(self) -> None:
+        if self._configured:
+            return
+        datamodule = self._datamodule()
+        if datamodule is not None:
+            self.objective.connect(datamodule)
+        self.objective.configure_model()
+        for helper in self.objective.frozen_modules():
+            helper.requires_grad_(False)
+            helper.eval()
+        target = self.adapter.apply(self.objective.adapter_target(), self.objective.default_adapter_targets())
+        if self.gradient_checkpointing:
+            from modalforge.adapters import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(target)
+        if self.compile_target:
+            target = torch.compile(target)
+        self.objective.set_adapter_target(target)
+        # from_pretrained returns models in eval mode and Lightning keeps module modes as they are.
+        self.train(self.training)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        rank_zero_info(f"[modalforge] parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+        self._configured = True
+
+    def train(self, mode: bool = True) -> "TrainingModule":
+        # Lightning puts the whole module in train mode at each fit/validation switch;
+        # frozen helpers (reference policy, VAE) must keep dropout and norms in eval.
+        super().train(mode)
+        for helper in self.objective.frozen_modules():
+            helper.eval()
+        return self
+
+    def _frozen_prefixes(self) -> list[str]:
+        frozen = {id(m) for m in self.objective.frozen_modules()}
+        return [f"{name}." for name, module in self.named_modules() if id(module) in frozen]
+
+    # ---- steps ------------------------------------------------------------------------
+    def _log_output(self, stage: str, out: StepOutput) -> None:
+        on_step = stage == "train"
+        sync = stage != "train"
+        if out.loss is not None:
+            self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
+                     batch_size=out.batch_size, sync_dist=sync)
+        for key, value in out.metrics.items():
+            self.log(f"{stage}/{key}", value, on_step=on_step, on_epoch=not on_step, batch_size=out.batch_size,
+                     sync_dist=sync)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self.objective.training_step(batch)
+        if out.loss is None or not out.loss.requires_grad:
+            raise RuntimeError(
+                f"{type(self.objective).__name__}.training_step returned a loss without a graph; "
+                "is every parameter frozen (adapter) or was the loss computed under no_grad?"
+            )
+        self.last_num_tokens, self.last_batch_size = out.num_tokens, out.batch_size
+        self._log_output("train", out)
+        return out.loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        out = self.objective.validation_step(batch)
+        self._log_output("val", out)
+
+    def on_validation_epoch_end(self) -> None:
+        for key, value in self.objective.validation_epoch_metrics().items():
+            self.log(f"val/{key}", value, sync_dist=True, prog_bar=key in ("ppl", "acc", "wer", "recall@1"))
+        if self.num_samples and not self.trainer.sanity_checking:
+            self._log_samples()
+
+    def _log_samples(self) -> None:
+        datamodule = self._datamodule()
+        inputs = datamodule.sample_inputs(self.num_samples) if datamodule is not None else []
+        if not inputs:
+            return
+        samples = self.objective.sample(inputs)
+        if not samples or not self.trainer.is_global_zero:
+            return
+        step = self.global_step
+        lines = "\n".join(f"  [{i}] {text!r}" for i, text in enumerate(samples))
+        rank_zero_info(f"[modalforge] samples at step {step}:\n{lines}")
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        path = Path(log_dir) / "samples.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            for i, text in enumerate(samples):
+                handle.write(json.dumps({"step": step, "index": i, "input": str(inputs[i]), "sample": text}) + "\n")
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("samples", lines, step)
+
+    # ---- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.named_parameters(), self.optim_config)
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else int(
+            self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, self.optim_config, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._align_data_position(checkpoint)
+        # Frozen helpers are rebuilt from their source by configure_model; storing them
+        # again in every checkpoint would double its size for a reference policy.
+        prefixes = tuple(self._frozen_prefixes())
+        if prefixes:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(prefixes)]:
+                del state[key]
+
+    def _align_data_position(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written on Ctrl-C may come after a batch was fetched but before it was
+        # trained; resume must replay that batch, so the data position is the processed count.
+        trainer = self._trainer
+        states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+        if trainer is None or not states:
+            return
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        for state in states:
+            if isinstance(state, dict) and "batches_yielded" in state:
+                state["batches_yielded"] = min(int(state["batches_yielded"]), int(processed))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = tuple(self._frozen_prefixes())
+        if prefixes:
+            state = checkpoint["state_dict"]
+            for key, value in self.state_dict().items():
+                if key.startswith(prefixes) and key not in state:
+                    state[key] = value
+
+    # ---- export -----------------------------------------------------------------------
+    def export(self, directory: str | Path, *, merge: bool = False) -> Path:
+        """Write the trained model (or adapter) and the processor in HF / PEFT format."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = self.objective.adapter_target()
+        if self.adapter.is_peft and not merge:
+            self.adapter.save(target, directory)
+        else:
+            if self.adapter.is_peft:
+                self.objective.set_adapter_target(self.adapter.merge(target))
+            self.objective.save_pretrained(directory)
+        datamodule = self._datamodule()
+        if datamodule is not None:
+            datamodule.save_processor(directory)
+        return directory
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    return (sum(p.numel() for p in module.parameters() if p.requires_grad), sum(p.numel() for p in module.parameters()))

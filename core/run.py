@@ -1,0 +1,153 @@
+"""Turn a composed config into a Lightning run: the body of ``train``.
+
+Kept apart from the Hydra entry point so tests and notebooks can call
+``run(cfg, output_dir)`` on a config from :func:`modalforge.config.compose`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from modalforge import registry
+from modalforge.callbacks.export import ExportOnTrainEnd
+from modalforge.interfaces import Adapter, DataModule, Objective
+from modalforge.module import TrainingModule
+from modalforge.scale import build_strategy, check_precision
+from modalforge.trainer_schema import trainer_kwargs
+
+
+def build_components(cfg: DictConfig) -> tuple[DataModule, Objective, Adapter]:
+    """Instantiate the plugin's DataModule and Objective, and the chosen Adapter."""
+    registry.get(cfg.plugin.name)  # fails loudly, naming the distribution, if the selected plugin is broken
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else {}
+    objective_factory = instantiate(cfg.objective, _partial_=True, _convert_="all")
+    objective = objective_factory(model=model_cfg)
+    adapter = instantiate(cfg.adapter, _convert_="all")
+    return datamodule, objective, adapter
+
+
+def build_module(cfg: DictConfig, objective: Objective, adapter: Adapter) -> TrainingModule:
+    module_cfg = cfg.get("module", {})
+    return TrainingModule(
+        objective,
+        adapter,
+        OmegaConf.to_container(cfg.optim, resolve=True),
+        gradient_checkpointing=bool(module_cfg.get("gradient_checkpointing", False)),
+        num_samples=int(module_cfg.get("num_samples", 0)),
+        compile=bool(module_cfg.get("compile", False)),
+    )
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: bool) -> list[L.Callback]:
+    callbacks: list[L.Callback] = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    ckpt = cfg.get("checkpoint", {})
+    if enable_checkpointing:
+        callbacks.append(ModelCheckpoint(
+            dirpath=output_dir / "checkpoints",
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            save_last=True,
+            every_n_train_steps=int(ckpt.get("every_n_train_steps", 100)),
+            save_top_k=int(ckpt.get("save_top_k", 0)) or 0,
+            monitor="val/loss" if int(ckpt.get("save_top_k", 0)) > 0 else None,
+        ))
+        # Ctrl-C or a crash mid-run: Lightning calls on_exception; this writes a resumable checkpoint.
+        callbacks.append(OnExceptionCheckpoint(dirpath=output_dir / "checkpoints", filename="last-interrupted"))
+    if ckpt.get("export_on_end", True):
+        metadata = {"plugin": cfg.plugin.name, "adapter": cfg.adapter.get("_target_"),
+                    "config": OmegaConf.to_container(cfg, resolve=False)}
+        callbacks.append(ExportOnTrainEnd(output_dir / "final", metadata=metadata))
+    return callbacks
+
+
+def _resume_version(folder: Path) -> str | None:
+    """A fresh log version for a resumed run: Lightning's CSV logger deletes an existing metrics file."""
+    if not (folder / "metrics.csv").exists():
+        return None
+    n = 1
+    while (folder / f"resumed_{n}").exists():
+        n += 1
+    return f"resumed_{n}"
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path, resuming: bool = False) -> list[Any] | bool:
+    """Loggers of the ``logger`` group, writing under the run directory."""
+    nodes = cfg.get("logger") or {}
+    loggers = []
+    for node in nodes.values():
+        if not node:
+            continue
+        target = node.get("_target_", "")
+        kwargs: dict[str, Any] = {}
+        if "CSVLogger" in target or "TensorBoardLogger" in target:
+            kwargs["save_dir"] = str(output_dir)
+            version = _resume_version(output_dir / str(node.get("name", ""))) if resuming else None
+            if version is not None:
+                kwargs["version"] = version
+        elif "WandbLogger" in target or "MLFlowLogger" in target:
+            kwargs["save_dir"] = str(output_dir)
+        loggers.append(instantiate(node, **kwargs))
+    return loggers or False
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``last`` -> newest checkpoint of this run; a run directory -> its newest checkpoint."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        return _newest_checkpoint(output_dir / "checkpoints")
+    path = Path(ckpt_path)
+    if path.is_dir():
+        found = _newest_checkpoint(path / "checkpoints") or _newest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no .ckpt file in {path} or {path / 'checkpoints'}")
+        return found
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
+    return str(path)
+
+
+def _newest_checkpoint(folder: Path) -> str | None:
+    candidates = [p for p in folder.glob("*.ckpt")] if folder.is_dir() else []
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: (p.stat().st_mtime, p.name)))
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingModule, DataModule]:
+    """Train as the config says; returns the trainer, module and datamodule for inspection."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule, objective, adapter = build_components(cfg)
+    module = build_module(cfg, objective, adapter)
+
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs = trainer_kwargs(trainer_cfg)
+    accelerator = str(kwargs.get("accelerator", "auto"))
+    kwargs["precision"] = check_precision(kwargs.get("precision"), accelerator)
+    if "strategy" not in kwargs:
+        strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else None
+        kwargs["strategy"] = build_strategy(strategy_cfg, block_classes=objective.block_classes(), accelerator=accelerator)
+    enable_ckpt = kwargs.get("enable_checkpointing", True) is not False
+    kwargs["callbacks"] = build_callbacks(cfg, output_dir, enable_ckpt) + list(kwargs.get("callbacks") or [])
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if kwargs.get("logger", None) is not False:
+        kwargs["logger"] = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
+    kwargs.setdefault("default_root_dir", str(output_dir))
+
+    trainer = L.Trainer(**kwargs)
+    if ckpt_path:
+        print(f"[modalforge] resuming from {ckpt_path}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero and os.environ.get("MODALFORGE_QUIET") is None:
+        print(f"[modalforge] run directory: {output_dir}")
+    return trainer, module, datamodule

@@ -1,0 +1,85 @@
+"""Build Lightning's own strategies from the ``strategy`` config node.
+
+The config is plain data (``name`` + settings), so ``strategy=fsdp
+strategy.sharding_strategy=SHARD_GRAD_OP`` works from the command line; what only
+the plugin knows, its transformer block classes, is passed in here so FSDP wraps
+each block and activation checkpointing applies per block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+from torch import nn
+
+from modalforge.errors import ModalforgeError
+
+STRATEGY_NAMES = ("auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+
+
+def _ddp(cfg: dict[str, Any]):  # noqa: ANN202
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(find_unused_parameters=bool(cfg.get("find_unused_parameters", False)),
+                       static_graph=bool(cfg.get("static_graph", False)),
+                       gradient_as_bucket_view=bool(cfg.get("gradient_as_bucket_view", True)))
+
+
+def _fsdp(cfg: dict[str, Any], block_classes: set[type[nn.Module]]):  # noqa: ANN202
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not block_classes:
+        warnings.warn(
+            "strategy=fsdp: the plugin names no transformer block classes (Objective.block_classes), so FSDP "
+            "wraps only the whole model: no per-block sharding, no activation checkpointing. Implement "
+            "block_classes() in the plugin's Objective.", stacklevel=2)
+    policy = set(block_classes) or None
+    return FSDPStrategy(
+        auto_wrap_policy=policy,
+        activation_checkpointing_policy=policy if cfg.get("activation_checkpointing") and policy else None,
+        sharding_strategy=cfg.get("sharding_strategy", "FULL_SHARD"),
+        cpu_offload=bool(cfg.get("cpu_offload", False)),
+        state_dict_type=cfg.get("state_dict_type", "sharded"),
+        limit_all_gathers=bool(cfg.get("limit_all_gathers", True)),
+        use_orig_params=bool(cfg.get("use_orig_params", True)),
+    )
+
+
+def _deepspeed(cfg: dict[str, Any], stage: int):  # noqa: ANN202
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        raise ModalforgeError(f"strategy=deepspeed_zero{stage} needs DeepSpeed: pip install \"modalforge[deepspeed]\" "
+                              f"({type(err).__name__}: {err})") from err
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(
+        stage=stage,
+        offload_optimizer=bool(cfg.get("offload_optimizer", False)),
+        offload_parameters=bool(cfg.get("offload_parameters", False)),
+        allgather_bucket_size=int(cfg.get("allgather_bucket_size", 200_000_000)),
+        reduce_bucket_size=int(cfg.get("reduce_bucket_size", 200_000_000)),
+    )
+
+
+def build_strategy(cfg: Mapping[str, Any] | None, *, block_classes: set[type[nn.Module]] = frozenset(),
+                   accelerator: str = "auto"):  # noqa: ANN201 - str | Strategy
+    """``"auto"`` or a Lightning ``Strategy`` for the ``strategy`` config node.
+
+    Args:
+        cfg: the ``strategy`` node as a plain dict (``name`` plus settings), or ``None``.
+        block_classes: the plugin's transformer block classes (FSDP auto-wrap and activation checkpointing).
+        accelerator: the trainer's accelerator, for strategies whose defaults depend on it.
+    """
+    cfg = dict(cfg or {})
+    name = cfg.pop("name", "auto")
+    if name == "auto":
+        return "auto"
+    if name == "ddp":
+        return _ddp(cfg)
+    if name == "fsdp":
+        return _fsdp(cfg, set(block_classes))
+    if name in ("deepspeed_zero2", "deepspeed_zero3"):
+        return _deepspeed(cfg, int(name[-1]))
+    raise ModalforgeError(f"strategy.name={name!r} is not one of: {', '.join(STRATEGY_NAMES)}")

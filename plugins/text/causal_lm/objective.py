@@ -1,0 +1,82 @@
+"""causal_lm objective: next-token cross-entropy, validation perplexity, text samples.
+
+Hugging Face causal LMs shift labels inside ``forward``, so the loss is the
+model's own; perplexity is exp of the token-weighted mean validation loss,
+accumulated by a torchmetrics ``MeanMetric`` so it is exact across batches and ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from modalforge.interfaces import Objective, StepOutput
+from modalforge.models import build_model
+from modalforge.plugins.text.causal_lm.model import block_classes_for
+
+
+class CausalLMObjective(Objective):
+    """Next-token prediction on packed blocks.
+
+    Args:
+        model: the ``model`` config (builder ``_target_`` + kwargs).
+        sample_max_new_tokens: length of the text samples logged at validation.
+    """
+
+    def __init__(self, model: Mapping[str, Any] | None = None, sample_max_new_tokens: int = 24) -> None:
+        super().__init__(model)
+        self.sample_max_new_tokens = sample_max_new_tokens
+        self.model: nn.Module | None = None
+        self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hints = self.datamodule.model_hints() if self.datamodule is not None else {}
+        self.model = build_model(self.model_config, hints)
+
+    def adapter_target(self) -> nn.Module:
+        return self.model
+
+    def set_adapter_target(self, module: nn.Module) -> None:
+        self.model = module
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        return block_classes_for(self.model_config)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        input_ids = batch["input_ids"]
+        out = self.model(input_ids=input_ids, labels=input_ids, use_cache=False)
+        return out.loss, input_ids.numel()
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        loss, tokens = self._loss(batch)
+        return StepOutput(loss=loss, num_tokens=tokens, batch_size=batch["input_ids"].shape[0])
+
+    def validation_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        loss, tokens = self._loss(batch)
+        self.val_loss.update(loss.detach(), weight=tokens)
+        return StepOutput(loss=loss, num_tokens=tokens, batch_size=batch["input_ids"].shape[0])
+
+    def validation_epoch_metrics(self) -> dict[str, torch.Tensor]:
+        mean = self.val_loss.compute()
+        self.val_loss.reset()
+        return {"ppl": torch.exp(mean)}
+
+    @torch.no_grad()
+    def sample(self, inputs: list[str]) -> list[str]:
+        tokenizer = self.datamodule.processor if self.datamodule is not None else None
+        if tokenizer is None or not inputs:
+            return []
+        device = next(self.model.parameters()).device
+        texts = []
+        for prompt in inputs:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            generated = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                            max_new_tokens=self.sample_max_new_tokens, do_sample=False,
+                                            pad_token_id=tokenizer.pad_token_id)
+            texts.append(tokenizer.decode(generated[0], skip_special_tokens=True))
+        return texts
