@@ -64,7 +64,11 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
     if ckpt.get("export_on_end", True):
         metadata = {"plugin": cfg.plugin.name, "adapter": cfg.adapter.get("_target_"),
                     "config": OmegaConf.to_container(cfg, resolve=False)}
-        callbacks.append(ExportOnTrainEnd(output_dir / "final", metadata=metadata))
+        merge = ckpt.get("export_merged")
+        if merge is None:
+            # An adapter alone is useless without its base; a from-scratch base exists nowhere else.
+            merge = not (cfg.get("model") or {}).get("name_or_path")
+        callbacks.append(ExportOnTrainEnd(output_dir / "final", metadata=metadata, merge=bool(merge)))
     return callbacks
 
 

@@ -63,6 +63,12 @@ def _deepspeed(cfg: dict[str, Any], stage: int):  # noqa: ANN202
     )
 
 
+def _has_gpu(accelerator: str) -> bool:
+    import torch
+
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def build_strategy(cfg: Mapping[str, Any] | None, *, block_classes: set[type[nn.Module]] = frozenset(),
                    accelerator: str = "auto"):  # noqa: ANN201 - str | Strategy
     """``"auto"`` or a Lightning ``Strategy`` for the ``strategy`` config node.
@@ -76,6 +82,9 @@ def build_strategy(cfg: Mapping[str, Any] | None, *, block_classes: set[type[nn.
     name = cfg.pop("name", "auto")
     if name == "auto":
         return "auto"
+    if name != "ddp" and name in STRATEGY_NAMES and not _has_gpu(accelerator):
+        raise ModalforgeError(f"strategy={name} needs CUDA GPUs (Lightning runs FSDP and DeepSpeed only there) and "
+                              f"this run has accelerator={accelerator!r} without one; on CPUs use strategy=ddp")
     if name == "ddp":
         return _ddp(cfg)
     if name == "fsdp":
