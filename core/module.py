@@ -120,6 +120,10 @@ class TrainingModule(L.LightningModule):
             )
         self.last_num_tokens, self.last_batch_size = out.num_tokens, out.batch_size
         self._log_output("train", out)
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if optimizers:
+            self.log("train/lr", optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False,
+                     batch_size=out.batch_size)
         return out.loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -186,6 +190,12 @@ class TrainingModule(L.LightningModule):
                 state["batches_yielded"] = min(int(state["batches_yielded"]), int(processed))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # bitsandbytes saves each 4-bit weight's quantisation state as extra keys that its own
+        # Linear4bit does not accept back into an already-quantised layer; the frozen 4-bit base
+        # is rebuilt identically by configure_model, so those keys carry nothing to restore.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if _is_bnb_quant_state(k)]:
+            del state[key]
         prefixes = tuple(self._frozen_prefixes())
         if prefixes:
             state = checkpoint["state_dict"]
@@ -209,6 +219,13 @@ class TrainingModule(L.LightningModule):
         if datamodule is not None:
             datamodule.save_processor(directory)
         return directory
+
+
+_BNB_QUANT_STATE_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.")
+
+
+def _is_bnb_quant_state(key: str) -> bool:
+    return any(part in key for part in _BNB_QUANT_STATE_PARTS)
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

@@ -46,8 +46,14 @@ def build_module(cfg: DictConfig, objective: Objective, adapter: Adapter) -> Tra
     )
 
 
-def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: bool) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: bool,
+                    enable_progress_bar: bool = True) -> list[L.Callback]:
+    """The ``callbacks`` group plus checkpointing, Ctrl-C checkpoint and final export."""
+    from lightning.pytorch.callbacks import ProgressBar
+
     callbacks: list[L.Callback] = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    if not enable_progress_bar:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     ckpt = cfg.get("checkpoint", {})
     if enable_checkpointing:
         callbacks.append(ModelCheckpoint(
@@ -142,7 +148,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMod
         strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True) if cfg.get("strategy") else None
         kwargs["strategy"] = build_strategy(strategy_cfg, block_classes=objective.block_classes(), accelerator=accelerator)
     enable_ckpt = kwargs.get("enable_checkpointing", True) is not False
-    kwargs["callbacks"] = build_callbacks(cfg, output_dir, enable_ckpt) + list(kwargs.get("callbacks") or [])
+    kwargs["callbacks"] = build_callbacks(cfg, output_dir, enable_ckpt, kwargs.get("enable_progress_bar") is not False) \
+        + list(kwargs.get("callbacks") or [])
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if kwargs.get("logger", None) is not False:
         kwargs["logger"] = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)

@@ -104,3 +104,39 @@ def test_validation_loss_falls_clearly_on_the_offline_default(tmp_path):
     assert val[steps[-1]] < 0.6 * val[steps[0]], f"validation loss did not fall clearly: {val}"
     ppl = series(tmp_path, "val/ppl")
     assert ppl[max(ppl)] == pytest.approx(torch.exp(torch.tensor(val[steps[-1]])).item(), rel=0.05)
+
+
+def test_conforms_with_qlora_and_gradient_checkpointing(tmp_path):
+    report = assert_plugin_conforms("causal_lm", tmp_path, ["adapter=qlora", "module.gradient_checkpointing=true",
+                                                            "optim.lr=1e-2"], steps=8)
+    assert all("lora_" in name for name in report.changed)
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="no documents found"):
+        CausalLMDataModule(train=str(path)).setup()
+
+
+def test_lora_run_exports_a_peft_adapter_for_a_pretrained_base(tmp_path):
+    """With model.name_or_path the export is the adapter alone, loadable with plain PEFT on that base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dm = CausalLMDataModule(block_size=32, batch_size=4)
+    dm.setup()
+    config = LlamaConfig(vocab_size=len(dm.processor), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    dm.processor.save_pretrained(tmp_path / "base")
+    cfg = compose(["plugin=causal_lm", *FAST, "model=causal_lm/pretrained", f"model.name_or_path={tmp_path / 'base'}",
+                   "adapter=lora", "trainer.max_steps=6", "trainer.limit_val_batches=0", "callbacks=none"])
+    trainer, module, _ = run(cfg, tmp_path / "run")
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), final).eval()
+    ids = torch.randint(0, len(dm.processor), (1, 12))
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, module.objective.model(input_ids=ids).logits)

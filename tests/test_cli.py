@@ -144,3 +144,30 @@ def test_ddp_on_two_cpu_processes(tmp_path):
             "trainer.log_every_n_steps=1", "module.num_samples=0", f"run_dir={run_dir}")
     assert len(series(run_dir, "train/loss")) >= 5
     assert (run_dir / "final" / "model.safetensors").exists()
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    proc = run_cli("train", "plugin=causal_lm", "optim.learning_rate=1", f"run_dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "learning_rate" in proc.stderr
+
+
+def test_wheel_install_ships_configs_and_finds_plugins(tmp_path):
+    """A built wheel (not the editable checkout) carries the YAML and the entry points."""
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(root)],
+                   check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "dist").glob("modalforge-*.whl"))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    code = ("import modalforge, sys; from modalforge.config import compose; "
+            "cfg = compose(['plugin=causal_lm', 'adapter=lora', 'strategy=ddp', 'logger=tensorboard']); "
+            "print(modalforge.__file__); print(cfg.data._target_, cfg.adapter._target_, cfg.strategy.name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert str(site) in out.stdout
+    assert "CausalLMDataModule modalforge.adapters.LoraAdapter ddp" in out.stdout

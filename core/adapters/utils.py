@@ -18,9 +18,12 @@ def enable_gradient_checkpointing(module: nn.Module) -> None:
     ``requires_grad`` and produce no gradient; ``enable_input_require_grads`` fixes that.
     """
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    if not hasattr(base, "gradient_checkpointing_enable"):
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
         raise ValueError(f"module.gradient_checkpointing=true: {type(base).__name__} has no "
                          "gradient_checkpointing_enable(); use strategy=fsdp strategy.activation_checkpointing=true")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(base, "enable_input_require_grads"):
         base.enable_input_require_grads()
