@@ -70,16 +70,22 @@ def test_unloadable_model_says_how_to_point_at_a_local_folder():
         build_model(dict(cfg.model))
 
 
-def test_loads_a_local_pretrained_model_and_tokenizer(tmp_path):
-    """The real-use path (`model.name_or_path=<dir>`), tested with a model saved to a temp dir."""
-    dm = CausalLMDataModule(block_size=32, batch_size=4)
-    dm.setup()
+def save_tiny_pretrained(folder) -> int:
+    """A tiny Llama + the demo tokenizer saved like a downloaded checkpoint; returns the vocabulary size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    dm = CausalLMDataModule(block_size=32, batch_size=4)
+    dm.setup()
     config = LlamaConfig(vocab_size=len(dm.processor), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
-    dm.processor.save_pretrained(tmp_path / "m")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    dm.processor.save_pretrained(folder)
+    return len(dm.processor)
+
+
+def test_loads_a_local_pretrained_model_and_tokenizer(tmp_path):
+    """The real-use path (`model.name_or_path=<dir>`), tested with a model saved to a temp dir."""
+    save_tiny_pretrained(tmp_path / "m")
     report = assert_plugin_conforms("causal_lm", tmp_path, [f"model.name_or_path={tmp_path / 'm'}",
                                                             "model=causal_lm/pretrained"], steps=6)
     assert report.losses
@@ -122,21 +128,41 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
 def test_lora_run_exports_a_peft_adapter_for_a_pretrained_base(tmp_path):
     """With model.name_or_path the export is the adapter alone, loadable with plain PEFT on that base."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    dm = CausalLMDataModule(block_size=32, batch_size=4)
-    dm.setup()
-    config = LlamaConfig(vocab_size=len(dm.processor), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
-    dm.processor.save_pretrained(tmp_path / "base")
+    vocab_size = save_tiny_pretrained(tmp_path / "base")
     cfg = compose(["plugin=causal_lm", *FAST, "model=causal_lm/pretrained", f"model.name_or_path={tmp_path / 'base'}",
                    "adapter=lora", "trainer.max_steps=6", "trainer.limit_val_batches=0", "callbacks=none"])
     trainer, module, _ = run(cfg, tmp_path / "run")
     final = tmp_path / "run" / "final"
     assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), final).eval()
-    ids = torch.randint(0, len(dm.processor), (1, 12))
+    ids = torch.randint(0, vocab_size, (1, 12))
     module.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, module.objective.model(input_ids=ids).logits)
+
+
+def test_streams_webdataset_shards_split_by_worker(tmp_path):
+    import webdataset as wds
+
+    from modalforge.plugins.text.causal_lm.synthetic import document
+    import random
+
+    rng = random.Random(0)
+    for s in range(4):
+        with wds.TarWriter(str(tmp_path / f"shard-{s:03d}.tar")) as sink:
+            for i in range(30):
+                sink.write({"__key__": f"{s}-{i}", "txt": document(rng)})
+    val = tmp_path / "val.jsonl"
+    val.write_text("\n".join(json.dumps({"txt": document(rng)}) for _ in range(40)))
+    dm = CausalLMDataModule(train=str(tmp_path / "shard-{000..003}.tar"), val=str(val), text_field="txt",
+                            streaming=True, block_size=32, batch_size=4, num_workers=2, vocab_size=300)
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    assert batches and all(b["input_ids"].shape == (4, 32) for b in batches[:-1])
+    # two workers read disjoint shards: every block appears once
+    rows = [tuple(r.tolist()) for b in batches for r in b["input_ids"]]
+    assert len(rows) == len(set(rows))
+    with pytest.raises(DataError, match="needs data.train .* and data.val"):
+        CausalLMDataModule(train=str(tmp_path / "*.tar"), streaming=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
@@ -22,6 +22,7 @@ from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.splits import split_train_val
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
 from modalforge.interfaces import DataModule
+from modalforge.plugins.text.causal_lm.streaming import PackedShardStream
 from modalforge.plugins.text.causal_lm.synthetic import write_corpus
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ class CausalLMDataModule(DataModule):
         num_workers: dataloader worker processes.
         tokenizer: tokenizer name or folder; ``None`` trains a byte-level BPE on the training text.
         vocab_size: size of that BPE.
+        streaming: stream webdataset shards instead of reading them up front (needs ``val``; a BPE
+            is then trained on the validation documents).
+        shuffle_buffer: streaming shuffle buffer size.
         cache_dir: where the synthetic corpus and trained tokenizers are kept.
         seed: shuffling seed.
     """
@@ -73,7 +77,7 @@ class CausalLMDataModule(DataModule):
     def __init__(self, train: Any = None, val: Any = None, val_fraction: float = 0.05, text_field: str = "text",
                  txt_mode: str = "file", block_size: int = 128, batch_size: int = 8, num_workers: int = 0,
                  tokenizer: str | None = None, vocab_size: int = 512, cache_dir: str | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, streaming: bool = False, shuffle_buffer: int = 1000) -> None:
         super().__init__()
         if block_size < 2:
             raise DataError(f"data.block_size={block_size}: a block needs at least 2 tokens")
@@ -82,7 +86,10 @@ class CausalLMDataModule(DataModule):
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
         self.cache_dir, self.seed = cache_dir, seed
-        self.train_set: BlockDataset | None = None
+        self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
+        if streaming and (train is None or val is None):
+            raise DataError("data.streaming=true needs data.train (shards) and data.val: a stream cannot be split")
+        self.train_set: BlockDataset | PackedShardStream | None = None
         self.val_set: BlockDataset | None = None
         self.val_texts: list[str] = []
 
@@ -110,6 +117,9 @@ class CausalLMDataModule(DataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.streaming:
+            self._setup_streaming()
+            return
         if self.train_spec is None:
             folder = self._synthetic_folder()
             train_texts = self._texts(str(folder / "train.jsonl"), "data.train")
@@ -128,6 +138,16 @@ class CausalLMDataModule(DataModule):
         self.val_set = self._blocks(val_texts, "data.val")
         self.val_texts = val_texts
 
+    def _setup_streaming(self) -> None:
+        val_texts = self._texts(self.val_spec, "data.val")
+        # A stream is never read whole, so a trained BPE learns from the validation documents.
+        self.processor = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name
+                          else cached_bpe(val_texts, self.vocab_size, cache_dir=self.cache_dir))
+        self.train_set = PackedShardStream(self.train_spec, self.processor, self.block_size, self.text_field,
+                                           shuffle=self.shuffle_buffer, seed=self.seed)
+        self.val_set = self._blocks(val_texts, "data.val")
+        self.val_texts = val_texts
+
     def _blocks(self, texts: list[str], what: str) -> BlockDataset:
         tokenizer = self.processor
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -142,8 +162,10 @@ class CausalLMDataModule(DataModule):
         return BlockDataset(blocks)
 
     # ---- loaders ----------------------------------------------------------------------
-    def train_dataloader(self) -> ResumableDataLoader:
+    def train_dataloader(self) -> ResumableDataLoader | DataLoader:
         self.setup()
+        if self.streaming:
+            return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers)
         return ResumableDataLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed,
                                    num_workers=self.num_workers, drop_last=True)
 
