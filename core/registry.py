@@ -64,14 +64,20 @@ def _load(ep: EntryPoint) -> Plugin:
     return plugin
 
 
+#: Plugins whose import failed in the last discovery: name -> "distribution: error".
+FAILED: dict[str, str] = {}
+
+
 @lru_cache(maxsize=1)
 def discover() -> dict[str, InstalledPlugin]:
     """All loadable plugins by name.
 
     A plugin whose import fails gives a warning naming it, its distribution and the
-    error, and every other plugin still works. Two distributions offering one name is
-    an error naming both (a silent winner would train the wrong thing).
+    error, and every other plugin still works (selecting it is an error, see ``get``).
+    Two distributions offering one name is an error naming both (a silent winner
+    would train the wrong thing).
     """
+    FAILED.clear()
     found: dict[str, InstalledPlugin] = {}
     providers: dict[str, list[str]] = {}
     for ep in entry_points(group=GROUP):
@@ -82,6 +88,7 @@ def discover() -> dict[str, InstalledPlugin]:
         try:
             plugin = _load(ep)
         except Exception as err:  # noqa: BLE001 - any import error of a third party must not break the others
+            FAILED[ep.name] = f"distribution {dist_name!r}: {type(err).__name__}: {err}"
             warnings.warn(
                 f"modalforge plugin {ep.name!r} from distribution {dist_name!r} could not be loaded: "
                 f"{type(err).__name__}: {err}",
@@ -104,6 +111,9 @@ def available_names() -> list[str]:
 def get(name: str) -> InstalledPlugin:
     """The plugin called ``name``, or an error listing the installed ones."""
     plugins = discover()
+    if name in FAILED:
+        raise PluginError(f"plugin {name!r} is installed but failed to load ({FAILED[name]}). "
+                          "Reinstall or fix that package.")
     if name not in plugins:
         listing = ", ".join(sorted(plugins)) or "(none)"
         raise PluginError(

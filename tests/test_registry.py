@@ -70,6 +70,8 @@ def test_broken_plugin_warns_and_others_still_work(monkeypatch):
     assert "causal_lm" in found and "broken" not in found
     messages = " ".join(str(w.message) for w in caught)
     assert "broken" in messages and "broken-dist" in messages and "ModuleNotFoundError" in messages
+    with pytest.raises(registry.PluginError, match="'broken' is installed but failed to load .*broken-dist"):
+        registry.get("broken")  # selected by the user: fails loudly, naming the distribution
 
 
 def test_unknown_plugin_error_lists_installed_ones():
