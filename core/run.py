@@ -12,11 +12,12 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from modalforge import registry
 from modalforge.callbacks.export import ExportOnTrainEnd
+from modalforge.callbacks.interrupt import CheckpointOnInterrupt
 from modalforge.interfaces import Adapter, DataModule, Objective
 from modalforge.module import TrainingModule
 from modalforge.scale import build_strategy, check_precision
@@ -66,7 +67,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
             monitor="val/loss" if int(ckpt.get("save_top_k", 0)) > 0 else None,
         ))
         # Ctrl-C or a crash mid-run: Lightning calls on_exception; this writes a resumable checkpoint.
-        callbacks.append(OnExceptionCheckpoint(dirpath=output_dir / "checkpoints", filename="last-interrupted"))
+        callbacks.append(CheckpointOnInterrupt(output_dir / "checkpoints"))
     if ckpt.get("export_on_end", True):
         metadata = {"plugin": cfg.plugin.name, "adapter": cfg.adapter.get("_target_"),
                     "config": OmegaConf.to_container(cfg, resolve=False)}
