@@ -88,3 +88,9 @@ def test_plugin_options_are_namespaced_by_plugin_name():
                 assert rel[1] == f"{item.plugin.name}.yaml"
             else:
                 assert len(rel) >= 3 and rel[1] == item.plugin.name, f"{item.plugin.conf_package}: {'/'.join(rel)}"
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb", "mlflow", "many", "none"])
+def test_logger_options_bind(logger):
+    cfg = compose(["plugin=causal_lm", f"logger={logger}"])
+    assert not check_config_binds(cfg), check_config_binds(cfg)
