@@ -111,6 +111,15 @@ class Objective(nn.Module, abc.ABC):
         """Module names (PEFT ``target_modules``) that LoRA-style adapters apply to by default."""
         return "all-linear"
 
+    def trainable_heads(self) -> list[str]:
+        """Modules that must train in full under any PEFT adapter (a freshly sized classifier head).
+
+        Passed to PEFT as ``modules_to_save`` unless the adapter config names its own."""
+        return []
+
+    def save_artifacts(self, directory: str | Path) -> None:
+        """Extra outputs written beside the exported model (a confusion matrix, label names...)."""
+
     def block_classes(self) -> set[type[nn.Module]]:
         """Transformer block classes, for FSDP auto-wrap and activation checkpointing."""
         return set()
@@ -155,13 +164,16 @@ class Adapter(abc.ABC):
     is_peft: bool = False
 
     @abc.abstractmethod
-    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None) -> nn.Module:
+    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None,
+              heads: list[str] | None = None) -> nn.Module:
         """Return the module to train, with ``requires_grad`` set on what must learn.
 
         Args:
             module: the Objective's adapter target.
             default_targets: the Objective's default ``target_modules``, used when the
                 adapter config names none.
+            heads: the Objective's ``trainable_heads``: PEFT adapters train them in full
+                (``modules_to_save``) unless the adapter config names its own.
         """
 
     def save(self, module: nn.Module, directory: str | Path) -> None:

@@ -73,7 +73,8 @@ class TrainingModule(L.LightningModule):
         for helper in self.objective.frozen_modules():
             helper.requires_grad_(False)
             helper.eval()
-        target = self.adapter.apply(self.objective.adapter_target(), self.objective.default_adapter_targets())
+        target = self.adapter.apply(self.objective.adapter_target(), self.objective.default_adapter_targets(),
+                                    self.objective.trainable_heads())
         if self.gradient_checkpointing:
             from modalforge.adapters import enable_gradient_checkpointing
 
@@ -218,6 +219,7 @@ class TrainingModule(L.LightningModule):
         datamodule = self._datamodule()
         if datamodule is not None:
             datamodule.save_processor(directory)
+        self.objective.save_artifacts(directory)
         return directory
 
 

@@ -24,7 +24,8 @@ def _save_full(module: nn.Module, directory: str | Path) -> None:
 class FullAdapter(Adapter):
     """Every parameter of the target trains."""
 
-    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None) -> nn.Module:
+    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None,
+              heads: list[str] | None = None) -> nn.Module:
         module.requires_grad_(True)
         return module
 
@@ -45,7 +46,8 @@ class FreezeAdapter(Adapter):
             raise ModalforgeError("adapter=freeze needs adapter.trainable=[<module names>], e.g. [lm_head]")
         self.trainable = list(trainable)
 
-    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None) -> nn.Module:
+    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None,
+              heads: list[str] | None = None) -> nn.Module:
         module.requires_grad_(False)
         names = [n for n, _ in module.named_modules() if n] + [n for n, _ in module.named_parameters()]
         for pattern in self.trainable:

@@ -20,16 +20,22 @@ from modalforge.interfaces import Adapter
 class _PeftAdapter(Adapter):
     is_peft = True
 
-    def _config(self, targets: list[str] | str | None) -> Any:
+    modules_to_save: list[str] | None = None
+
+    def _config(self, targets: list[str] | str | None, heads: list[str] | None) -> Any:
         raise NotImplementedError
 
     def _targets(self, configured: list[str] | str | None, default: list[str] | str | None) -> list[str] | str:
         return configured or default or "all-linear"
 
-    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None) -> nn.Module:
+    def _heads(self, heads: list[str] | None) -> list[str] | None:
+        return self.modules_to_save if self.modules_to_save is not None else (list(heads) if heads else None)
+
+    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None,
+              heads: list[str] | None = None) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(module, self._config(default_targets))
+        return get_peft_model(module, self._config(default_targets, heads))
 
     def save(self, module: nn.Module, directory: str | Path) -> None:
         module.save_pretrained(str(directory))
@@ -54,12 +60,12 @@ class LoraAdapter(_PeftAdapter):
         self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, target_modules
         self.modules_to_save, self.bias, self.use_dora, self.use_rslora = modules_to_save, bias, use_dora, use_rslora
 
-    def _config(self, default_targets: list[str] | str | None) -> Any:
+    def _config(self, default_targets: list[str] | str | None, heads: list[str] | None) -> Any:
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=self._targets(self.target_modules, default_targets),
-                          modules_to_save=self.modules_to_save, bias=self.bias, use_dora=self.use_dora,
+                          modules_to_save=self._heads(heads), bias=self.bias, use_dora=self.use_dora,
                           use_rslora=self.use_rslora)
 
 
@@ -83,8 +89,9 @@ class IA3Adapter(_PeftAdapter):
                  feedforward_modules: list[str] | str | None = None) -> None:
         self.target_modules, self.feedforward_modules = target_modules, feedforward_modules
 
-    def _config(self, default_targets: list[str] | str | None) -> Any:
+    def _config(self, default_targets: list[str] | str | None, heads: list[str] | None) -> Any:
         from peft import IA3Config
 
         targets = self._targets(self.target_modules, default_targets)
-        return IA3Config(target_modules=targets, feedforward_modules=self.feedforward_modules or [])
+        return IA3Config(target_modules=targets, feedforward_modules=self.feedforward_modules or [],
+                         modules_to_save=self._heads(heads))

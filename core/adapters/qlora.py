@@ -71,14 +71,15 @@ class QLoraAdapter(LoraAdapter):
         self.compute_dtype, self.quant_type, self.double_quant = compute_dtype, quant_type, double_quant
         self.skip_modules = list(skip_modules) if skip_modules is not None else ["lm_head"]
 
-    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None) -> nn.Module:
+    def apply(self, module: nn.Module, default_targets: list[str] | str | None = None,
+              heads: list[str] | None = None) -> nn.Module:
         already = any(type(m).__name__ == "Linear4bit" for m in module.modules())
         if not already:
-            if quantize_linears(module, skip=self.skip_modules, compute_dtype=getattr(torch, self.compute_dtype),
+            if quantize_linears(module, skip=self.skip_modules + list(self._heads(heads) or []), compute_dtype=getattr(torch, self.compute_dtype),
                                 quant_type=self.quant_type, double_quant=self.double_quant) == 0:
                 raise ValueError("adapter=qlora: the model has no nn.Linear layer to quantise")
         module.requires_grad_(False)
-        return super().apply(module, default_targets)
+        return super().apply(module, default_targets, heads)
 
     def save(self, module: nn.Module, directory: str | Path) -> None:
         module.save_pretrained(str(directory))
