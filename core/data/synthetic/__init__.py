@@ -1,0 +1,1 @@
+"""Synthetic, learnable demo datasets generated on first use (no network, no files)."""
