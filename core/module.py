@@ -70,11 +70,13 @@ class TrainingModule(L.LightningModule):
         if datamodule is not None:
             self.objective.connect(datamodule)
         self.objective.configure_model()
+        target = self.adapter.apply(self.objective.adapter_target(), self.objective.default_adapter_targets(),
+                                    self.objective.trainable_heads())
+        # After the adapter: `full` unfreezes its whole target, which may contain a frozen helper
+        # (a locked CLIP tower); frozen always wins.
         for helper in self.objective.frozen_modules():
             helper.requires_grad_(False)
             helper.eval()
-        target = self.adapter.apply(self.objective.adapter_target(), self.objective.default_adapter_targets(),
-                                    self.objective.trainable_heads())
         if self.gradient_checkpointing:
             from modalforge.adapters import enable_gradient_checkpointing
 
