@@ -1,0 +1,203 @@
+"""clip data: (image, caption) pairs from manifests or webdataset shards, open_clip preprocessing.
+
+Sources: ``jsonl``/``csv``/``parquet`` manifests (image path relative to the manifest,
+caption, optional label for zero-shot evaluation), or LAION/DataComp-style shards
+(``jpg``/``png`` + ``txt``), read up front or, with ``data.streaming=true``, streamed
+and split by node and dataloader worker. Images go through open_clip's own
+transforms and captions through its tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from modalforge.data.cache import cache_root, ensure_built
+from modalforge.data.errors import DataError
+from modalforge.data.images import ImageRef, image_from_sample, open_image, resolve_image_path
+from modalforge.data.loader import ResumableDataLoader
+from modalforge.data.readers import Record, read_records, require_fields
+from modalforge.data.shards import webdataset_stream
+from modalforge.data.splits import split_train_val
+from modalforge.data.synthetic.shapes import write_shapes
+from modalforge.interfaces import DataModule
+
+CAPTION_KEYS = ("txt", "caption", "text")
+
+
+class Pair:
+    """One image reference with its caption and optional class label."""
+
+    __slots__ = ("image", "caption", "label")
+
+    def __init__(self, image: ImageRef, caption: str, label: str | None) -> None:
+        self.image, self.caption, self.label = image, caption, label
+
+
+class PairDataset(Dataset):
+    """``(image tensor, caption tokens, label index or -1)``."""
+
+    def __init__(self, pairs: list[Pair], transform: Any, tokenizer: Any, classes: list[str]) -> None:
+        self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
+        self.class_index = {name: i for i, name in enumerate(classes)}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        pair = self.pairs[index]
+        tokens = self.tokenizer([pair.caption])[0]
+        return self.transform(open_image(pair.image)), tokens, self.class_index.get(pair.label, -1)
+
+
+class StreamingPairs(IterableDataset):
+    """Pairs streamed from shards; every rank and worker reads its own shards."""
+
+    def __init__(self, urls: Any, transform: Any, tokenizer: Any, shuffle: int, seed: int) -> None:
+        super().__init__()
+        self.urls, self.transform, self.tokenizer, self.shuffle, self.seed = urls, transform, tokenizer, shuffle, seed
+
+    def __iter__(self):  # noqa: ANN204
+        for record in webdataset_stream(self.urls, shuffle=self.shuffle, seed=self.seed):
+            pair = pair_from_record(record, "image", "caption", "label")
+            yield self.transform(open_image(pair.image)), self.tokenizer([pair.caption])[0], -1
+
+
+def pair_from_record(record: Record, image_field: str, caption_field: str, label_field: str) -> Pair:
+    """A ``Pair`` from a manifest row or a shard sample, or a ``DataError`` saying what is missing."""
+    if record.source.endswith(".tar"):
+        ref = image_from_sample(record.data, record.where())
+        caption = next((record.data[k] for k in CAPTION_KEYS if isinstance(record.data.get(k), str)), None)
+        if ref is None or caption is None:
+            raise DataError("shard sample needs an image (jpg/png/...) and a caption (txt); keys present: "
+                            f"{sorted(k for k in record.data if not k.startswith('__'))}",
+                            source=record.source, location=record.location)
+        label = record.data.get("cls")
+        return Pair(ref, caption, None if label is None else str(label).strip())
+    require_fields(record, {image_field: str, caption_field: str})
+    ref = ImageRef(path=resolve_image_path(record.data[image_field], record.source), where=record.where())
+    label = record.data.get(label_field)
+    return Pair(ref, record.data[caption_field], None if label is None else str(label))
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    return {"images": torch.stack([i for i, _, _ in items]), "texts": torch.stack([t for _, t, _ in items]),
+            "labels": torch.tensor([l for _, _, l in items])}
+
+
+class CLIPDataModule(DataModule):
+    """Image-caption pairs for contrastive training.
+
+    Args:
+        train / val: manifests or shards; ``None`` generates the shapes-with-captions demo set.
+        image_field / caption_field / label_field: manifest fields (label optional; enables zero-shot).
+        image_size: model input size. mean / std: normalisation (OpenAI CLIP's by default).
+        context_length: caption tokens. tokenizer: open_clip model name whose tokenizer to use
+            (``null``: open_clip's bundled BPE, ``SimpleTokenizer``).
+        classnames / templates: zero-shot classes (default: the labels of the validation set) and prompts.
+        streaming / shuffle_buffer: stream training shards instead of reading them up front.
+        batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
+    """
+
+    def __init__(self, train: Any = None, val: Any = None, image_field: str = "image", caption_field: str = "caption",
+                 label_field: str = "label", image_size: int = 32,
+                 mean: tuple = (0.48145466, 0.4578275, 0.40821073), std: tuple = (0.26862954, 0.26130258, 0.27577711),
+                 context_length: int = 16, tokenizer: str | None = None, classnames: list[str] | None = None,
+                 templates: list[str] | None = None, streaming: bool = False, shuffle_buffer: int = 1000,
+                 batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1, cache_dir: str | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if streaming and (train is None or val is None):
+            raise DataError("data.streaming=true needs data.train (shards) and data.val")
+        self.train_spec, self.val_spec = train, val
+        self.fields = (image_field, caption_field, label_field)
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.context_length, self.tokenizer_name = context_length, tokenizer
+        self.classnames = list(classnames) if classnames else None
+        self.templates = list(templates) if templates else ["a photo of a {}.", "a {}.", "a picture of a {}."]
+        self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
+        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
+        self.cache_dir, self.seed = cache_dir, seed
+        self.train_set: Dataset | IterableDataset | None = None
+        self.val_set: PairDataset | None = None
+
+    def _synthetic(self) -> Path:
+        return ensure_built(cache_root(self.cache_dir) / "synthetic" / "shapes-v1", write_shapes)
+
+    def prepare_data(self) -> None:
+        if self.train_spec is None:
+            self._synthetic()
+
+    def _pairs(self, spec: Any, what: str) -> list[Pair]:
+        pairs = [pair_from_record(r, *self.fields) for r in read_records(spec, what=what)]
+        if not pairs:
+            raise DataError(f"{what}: no image-caption pairs in {spec!r}")
+        return pairs
+
+    def _tokenizer(self):  # noqa: ANN202
+        import open_clip
+
+        if self.tokenizer_name:
+            return open_clip.get_tokenizer(self.tokenizer_name, context_length=self.context_length)
+        return open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is not None:
+            return
+        import open_clip
+
+        train_tf = open_clip.image_transform(self.image_size, is_train=True, mean=self.mean, std=self.std)
+        eval_tf = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
+        self.processor = self._tokenizer()
+        if self.train_spec is None:
+            folder = self._synthetic()
+            train, val = self._pairs(str(folder / "train.jsonl"), "data.train"), self._pairs(
+                str(folder / "val.jsonl"), "data.val")
+        elif self.streaming:
+            train, val = [], self._pairs(self.val_spec, "data.val")
+        else:
+            train = self._pairs(self.train_spec, "data.train")
+            if self.val_spec is not None:
+                val = self._pairs(self.val_spec, "data.val")
+            else:
+                train, val = split_train_val(train, val_fraction=self.val_fraction, seed=self.seed)
+        if self.classnames is None:
+            self.classnames = sorted({p.label for p in val if p.label is not None})
+        if self.streaming:
+            self.train_set = StreamingPairs(self.train_spec, train_tf, self.processor, self.shuffle_buffer, self.seed)
+        else:
+            self.train_set = PairDataset(train, train_tf, self.processor, self.classnames)
+        self.val_set = PairDataset(val, eval_tf, self.processor, self.classnames)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        if self.streaming:
+            return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                              collate_fn=collate, drop_last=True)
+        return ResumableDataLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed, collate_fn=collate,
+                                   num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> ResumableDataLoader:
+        self.setup()
+        return ResumableDataLoader(self.val_set, self.batch_size, shuffle=False, collate_fn=collate,
+                                   num_workers=self.num_workers)
+
+    def model_hints(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "context_length": self.context_length,
+                "classnames": list(self.classnames or []), "templates": list(self.templates)}
+
+    def save_processor(self, directory: str | Path) -> None:
+        import json
+
+        config = {"tokenizer": self.tokenizer_name or "open_clip.SimpleTokenizer", "context_length": self.context_length,
+                  "image_size": self.image_size, "mean": self.mean, "std": self.std, "classnames": self.classnames,
+                  "templates": self.templates}
+        Path(directory, "preprocess_config.json").write_text(json.dumps(config, indent=2))
+
+    def sample_inputs(self, n: int) -> list[tuple[torch.Tensor, str]]:
+        """A few validation images with their true captions."""
+        step = max(1, len(self.val_set) // max(n, 1))
+        return [(self.val_set[i][0], self.val_set.pairs[i].caption) for i in range(0, len(self.val_set), step)][:n]
