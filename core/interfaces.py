@@ -134,6 +134,9 @@ class Objective(nn.Module, abc.ABC):
         with torch.no_grad():
             return self.training_step(batch)
 
+    def after_optimizer_step(self) -> None:
+        """Runs after each optimizer step (e.g. clamp a learnable temperature, update an EMA)."""
+
     def validation_epoch_metrics(self) -> dict[str, torch.Tensor | float]:
         """Metrics computed over the whole validation set (``compute()`` + ``reset()`` owned metrics)."""
         return {}

@@ -161,6 +161,10 @@ class TrainingModule(L.LightningModule):
             if hasattr(experiment, "add_text"):
                 experiment.add_text("samples", lines, step)
 
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this right after optimizer.step()
+        self.objective.after_optimizer_step()
+
     # ---- optimisation -----------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.named_parameters(), self.optim_config)

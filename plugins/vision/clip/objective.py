@@ -9,6 +9,7 @@ model's learnable ``logit_scale``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -113,6 +114,11 @@ class CLIPObjective(Objective):
         from open_clip.transformer import ResidualAttentionBlock
 
         return {ResidualAttentionBlock}
+
+    def after_optimizer_step(self) -> None:
+        # as open_clip's training loop: a temperature below 1/100 destabilises training
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
 
     # ---- steps --------------------------------------------------------------------
     def _features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
