@@ -1,0 +1,98 @@
+"""sft objective: cross-entropy on the learned (assistant) tokens, token accuracy, samples.
+
+Packed rows come with a block-diagonal attention mask and per-example position ids,
+so the loss of a packed row is the loss of its examples taken one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from modalforge.interfaces import Objective, StepOutput
+from modalforge.models import build_model
+from modalforge.plugins.text.causal_lm.model import block_classes_for
+from modalforge.plugins.text.chat.tokenize import IGNORE, tokenize_prompt
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>")
+
+
+def token_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean next-token CE over labelled tokens, their accuracy, and their count."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = shift_labels != IGNORE
+    count = int(mask.sum())
+    loss = nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask])
+    accuracy = (shift_logits[mask].argmax(-1) == shift_labels[mask]).float().mean()
+    return loss, accuracy, count
+
+
+class SFTObjective(Objective):
+    """Supervised fine-tuning of a causal LM.
+
+    Args:
+        model: the ``model`` config (``build_causal_lm`` by default).
+        sample_max_new_tokens: length of generated samples.
+    """
+
+    def __init__(self, model: Mapping[str, Any] | None = None, sample_max_new_tokens: int = 16) -> None:
+        super().__init__(model)
+        self.sample_max_new_tokens = sample_max_new_tokens
+        self.model: nn.Module | None = None
+        self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            hints = self.datamodule.model_hints() if self.datamodule is not None else {}
+            self.model = build_model(self.model_config, hints)
+
+    def adapter_target(self) -> nn.Module:
+        return self.model
+
+    def set_adapter_target(self, module: nn.Module) -> None:
+        self.model = module
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        return block_classes_for(self.model_config)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=batch.get("position_ids"), use_cache=False)
+        loss, accuracy, count = token_loss_and_accuracy(out.logits, batch["labels"])
+        return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=count,
+                          batch_size=batch["input_ids"].shape[0])
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        out = self._forward(batch)
+        stats = getattr(self.datamodule, "stats", None) or {}
+        out.metrics.update({k: float(v) for k, v in stats.items()})
+        return out
+
+    def validation_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        out = self._forward(batch)
+        self.val_loss.update(out.loss.detach(), weight=out.num_tokens)
+        return out
+
+    def validation_epoch_metrics(self) -> dict[str, torch.Tensor]:
+        mean = self.val_loss.compute()
+        self.val_loss.reset()
+        return {"ppl": torch.exp(mean)}
+
+    @torch.no_grad()
+    def sample(self, inputs: list[list[dict]]) -> list[str]:
+        tokenizer = self.datamodule.processor
+        device = next(self.model.parameters()).device
+        vocab = tokenizer.get_vocab()
+        stop = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+        texts = []
+        for messages in inputs:
+            ids = torch.tensor([tokenize_prompt(tokenizer, messages)], device=device)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=self.sample_max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=stop)
+            answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            texts.append(f"{messages[-1]['content']} -> {answer}")
+        return texts
