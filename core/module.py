@@ -72,11 +72,6 @@ class TrainingModule(L.LightningModule):
         self.objective.configure_model()
         target = self.adapter.apply(self.objective.adapter_target(), self.objective.default_adapter_targets(),
                                     self.objective.trainable_heads())
-        # After the adapter: `full` unfreezes its whole target, which may contain a frozen helper
-        # (a locked CLIP tower); frozen always wins.
-        for helper in self.objective.frozen_modules():
-            helper.requires_grad_(False)
-            helper.eval()
         if self.gradient_checkpointing:
             from modalforge.adapters import enable_gradient_checkpointing
 
@@ -84,6 +79,11 @@ class TrainingModule(L.LightningModule):
         if self.compile_target:
             target = torch.compile(target)
         self.objective.set_adapter_target(target)
+        # After the adapter: `full` unfreezes its whole target, which may contain a frozen helper
+        # (a locked CLIP tower); frozen always wins.
+        for helper in self.objective.frozen_modules():
+            helper.requires_grad_(False)
+            helper.eval()
         # from_pretrained returns models in eval mode and Lightning keeps module modes as they are.
         self.train(self.training)
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -15,9 +15,8 @@ from torchmetrics import MeanMetric
 from modalforge.interfaces import Objective, StepOutput
 from modalforge.models import build_model
 from modalforge.plugins.text.causal_lm.model import block_classes_for
-from modalforge.plugins.text.chat.tokenize import IGNORE, tokenize_prompt
-
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>")
+from modalforge.plugins.text.chat.generate import answer
+from modalforge.plugins.text.chat.tokenize import IGNORE
 
 
 def token_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -81,18 +80,5 @@ class SFTObjective(Objective):
         self.val_loss.reset()
         return {"ppl": torch.exp(mean)}
 
-    @torch.no_grad()
     def sample(self, inputs: list[list[dict]]) -> list[str]:
-        tokenizer = self.datamodule.processor
-        device = next(self.model.parameters()).device
-        vocab = tokenizer.get_vocab()
-        stop = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
-        texts = []
-        for messages in inputs:
-            ids = torch.tensor([tokenize_prompt(tokenizer, messages)], device=device)
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=self.sample_max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=stop)
-            answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-            texts.append(f"{messages[-1]['content']} -> {answer}")
-        return texts
+        return answer(self.model, self.datamodule.processor, inputs, self.sample_max_new_tokens)
