@@ -1,0 +1,37 @@
+"""Reward model builder: a causal LM body with a scalar head (``AutoModelForSequenceClassification``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modalforge.models import offline_hint
+
+
+def build_reward_model(name_or_path: str | None = None, config: dict[str, Any] | None = None,
+                       vocab_size: int | None = None, pad_token_id: int | None = None,
+                       trust_remote_code: bool = False):  # noqa: ANN201
+    """A sequence classifier with one output, scored at the last non-padding token.
+
+    ``name_or_path`` may be a causal LM (an sft run's ``final/``): its body is kept and
+    a new scalar ``score`` head is added.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if name_or_path:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1,
+                                                                       trust_remote_code=trust_remote_code)
+        except Exception as err:  # noqa: BLE001
+            raise offline_hint(name_or_path, err) from err
+        if vocab_size and model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+    else:
+        settings = dict(config or {})
+        model_type = settings.pop("model_type", "llama")
+        if vocab_size:
+            settings["vocab_size"] = vocab_size
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, num_labels=1,
+                                                                                    **settings))
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # the head pools at the last non-pad token
+    return model
