@@ -153,3 +153,11 @@ def test_sft_output_starts_a_dpo_run(tmp_path):
     trainer, module, dm = run(cfg, dpo_dir)
     assert "<|im_start|>" in dm.processor.chat_template  # the sft run's saved template is reused
     assert (dpo_dir / "final" / "model.safetensors").exists()
+
+
+def test_after_sft_experiment_points_at_the_sft_output():
+    from modalforge.testing import check_config_binds
+
+    cfg = compose(["plugin=dpo", "experiment=dpo/after_sft", "sft_dir=runs/sft"])
+    assert cfg.model.name_or_path == "runs/sft/final" and cfg.data.tokenizer == "runs/sft/final"
+    assert not check_config_binds(cfg)
