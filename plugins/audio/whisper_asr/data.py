@@ -1,0 +1,216 @@
+"""whisper_asr data: (audio, transcript) manifests or shards -> log-Mel features + decoder tokens.
+
+Audio of any sample rate is resampled to 16 kHz and cut or padded to the model's
+window by Whisper's feature extractor. The decoder sequence is
+``<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|> text <|endoftext|>``;
+the prompt tokens are never learned (labels -100), only the text and the end token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from modalforge.data.audio import AudioRef, audio_from_sample, load_audio
+from modalforge.data.cache import cache_root, ensure_built
+from modalforge.data.errors import DataError
+from modalforge.data.images import resolve_image_path
+from modalforge.data.loader import ResumableDataLoader
+from modalforge.data.readers import Record, read_records, require_fields
+from modalforge.data.splits import split_train_val
+from modalforge.data.synthetic.tones import write_tones
+from modalforge.data.tokenizers import cached_bpe, load_tokenizer
+from modalforge.interfaces import DataModule
+
+SAMPLE_RATE = 16000
+IGNORE = -100
+TASK_TOKENS = ["<|startoftranscript|>", "<|transcribe|>", "<|translate|>", "<|notimestamps|>", "<|endoftext|>"]
+
+
+class Utterance:
+    __slots__ = ("audio", "text", "language")
+
+    def __init__(self, audio: AudioRef, text: str, language: str) -> None:
+        self.audio, self.text, self.language = audio, text, language
+
+
+def utterance_from_record(record: Record, audio_field: str, text_field: str, default_language: str) -> Utterance:
+    if record.source.endswith(".tar"):
+        ref = audio_from_sample(record.data, record.where())
+        text = next((record.data[k] for k in ("txt", "text", "transcript") if isinstance(record.data.get(k), str)), None)
+        if ref is None or text is None:
+            raise DataError("shard sample needs audio (flac/wav/...) and a transcript (txt); keys present: "
+                            f"{sorted(k for k in record.data if not k.startswith('__'))}",
+                            source=record.source, location=record.location)
+        meta = record.data.get("json") if isinstance(record.data.get("json"), dict) else {}
+        return Utterance(ref, text.strip(), meta.get("language", default_language))
+    require_fields(record, {audio_field: str, text_field: str})
+    ref = AudioRef(path=resolve_image_path(record.data[audio_field], record.source), where=record.where())
+    return Utterance(ref, record.data[text_field].strip(), record.data.get("language") or default_language)
+
+
+class Utterances(Dataset):
+    """``(features [mels, frames], decoder ids, labels)`` per utterance."""
+
+    def __init__(self, items: list[Utterance], module: "WhisperASRDataModule", train: bool) -> None:
+        self.items, self.module, self.train = items, module, train
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int], list[int]]:
+        item = self.items[index]
+        wave = load_audio(item.audio, SAMPLE_RATE)
+        features = self.module.feature_extractor(wave.numpy(), sampling_rate=SAMPLE_RATE,
+                                                 return_tensors="pt").input_features[0]
+        ids, labels = self.module.decoder_sequence(item.text, item.language)
+        return features, ids, labels
+
+
+class WhisperASRDataModule(DataModule):
+    """Speech recognition data.
+
+    Args:
+        train / val: manifests (jsonl/csv: audio path relative to the manifest, transcript, optional
+            ``language``) or shards (flac/wav + txt); ``None`` generates the tone-digits demo set.
+        audio_field / text_field: manifest fields. language: default language code.
+        processor: a Whisper checkpoint (hub id or folder) whose tokenizer and feature extractor to use;
+            ``None`` trains a BPE on the transcripts and builds a feature extractor from the settings below.
+        num_mel_bins / chunk_seconds: feature extractor of a from-scratch model (window length in seconds).
+        vocab_size: size of the trained BPE.
+        spec_augment: mask random frequency bands and time spans of training features (torchaudio).
+        max_label_length: decoder tokens; a longer transcript is an error naming file and line.
+        batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
+    """
+
+    def __init__(self, train: Any = None, val: Any = None, audio_field: str = "audio", text_field: str = "text",
+                 language: str = "en", processor: str | None = None, num_mel_bins: int = 80, chunk_seconds: int = 2,
+                 vocab_size: int = 256, spec_augment: bool = False, max_label_length: int = 64, batch_size: int = 16,
+                 num_workers: int = 0, val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.train_spec, self.val_spec = train, val
+        self.audio_field, self.text_field, self.language = audio_field, text_field, language
+        self.processor_name, self.num_mel_bins, self.chunk_seconds = processor, num_mel_bins, chunk_seconds
+        self.vocab_size, self.spec_augment, self.max_label_length = vocab_size, spec_augment, max_label_length
+        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
+        self.cache_dir, self.seed = cache_dir, seed
+        self.feature_extractor = None
+        self.train_set: Utterances | None = None
+        self.val_set: Utterances | None = None
+
+    def _synthetic(self) -> Path:
+        return ensure_built(cache_root(self.cache_dir) / "synthetic" / "tones-v1", write_tones)
+
+    def prepare_data(self) -> None:
+        if self.train_spec is None:
+            self._synthetic()
+
+    def _read(self, spec: Any, what: str) -> list[Utterance]:
+        items = [utterance_from_record(r, self.audio_field, self.text_field, self.language)
+                 for r in read_records(spec, what=what)]
+        if not items:
+            raise DataError(f"{what}: no utterances in {spec!r}")
+        return items
+
+    def _build_processor(self, train: list[Utterance]) -> None:
+        from transformers import WhisperFeatureExtractor
+
+        if self.processor_name:
+            self.processor = load_tokenizer(self.processor_name)
+            self.feature_extractor = WhisperFeatureExtractor.from_pretrained(self.processor_name)
+            return
+        languages = sorted({f"<|{u.language}|>" for u in train} | {f"<|{self.language}|>"})
+        self.processor = cached_bpe([u.text for u in train], self.vocab_size, cache_dir=self.cache_dir,
+                                    extra_special_tokens=TASK_TOKENS + languages)
+        self.feature_extractor = WhisperFeatureExtractor(feature_size=self.num_mel_bins, sampling_rate=SAMPLE_RATE,
+                                                         chunk_length=self.chunk_seconds)
+
+    def token(self, text: str) -> int:
+        index = self.processor.convert_tokens_to_ids(text)
+        if index is None or index == self.processor.unk_token_id:
+            raise DataError(f"the tokenizer has no token {text!r} (language or task not supported by this model)")
+        return index
+
+    def prompt_ids(self, language: str) -> list[int]:
+        return [self.token("<|startoftranscript|>"), self.token(f"<|{language}|>"), self.token("<|transcribe|>"),
+                self.token("<|notimestamps|>")]
+
+    def end_id(self) -> int:
+        return self.token("<|endoftext|>")
+
+    def decoder_sequence(self, text: str, language: str) -> tuple[list[int], list[int]]:
+        """Decoder inputs and labels; the language/task/no-timestamps prompt is masked out of the loss."""
+        prompt = self.prompt_ids(language)
+        body = self.processor(" " + text, add_special_tokens=False)["input_ids"] + [self.end_id()]
+        sequence = prompt + body
+        labels = [IGNORE] * (len(prompt) - 1) + body
+        return sequence[:-1], labels
+
+    def _check_lengths(self, items: list[Utterance]) -> None:
+        for item in items:
+            ids, _ = self.decoder_sequence(item.text, item.language)
+            if len(ids) > self.max_label_length:
+                raise DataError(f"transcript of {len(ids)} tokens is longer than data.max_label_length="
+                                f"{self.max_label_length}", source=item.audio.describe())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.train_spec is None:
+            folder = self._synthetic()
+            train, val = self._read(str(folder / "train.jsonl"), "data.train"), self._read(
+                str(folder / "val.jsonl"), "data.val")
+        else:
+            train = self._read(self.train_spec, "data.train")
+            if self.val_spec is not None:
+                val = self._read(self.val_spec, "data.val")
+            else:
+                train, val = split_train_val(train, val_fraction=self.val_fraction, seed=self.seed)
+        self._build_processor(train)
+        self._check_lengths(train + val)
+        self.train_set, self.val_set = Utterances(train, self, True), Utterances(val, self, False)
+
+    def _collate(self, items: list[tuple[torch.Tensor, list[int], list[int]]], train: bool) -> dict[str, torch.Tensor]:
+        features = torch.stack([f for f, _, _ in items])
+        if train and self.spec_augment:
+            import torchaudio.transforms as T
+
+            features = T.TimeMasking(time_mask_param=max(1, features.shape[-1] // 10))(
+                T.FrequencyMasking(freq_mask_param=max(1, features.shape[1] // 8))(features))
+        length = max(len(ids) for _, ids, _ in items)
+        pad = self.processor.pad_token_id
+        ids = torch.full((len(items), length), pad, dtype=torch.long)
+        labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
+        for i, (_, seq, lab) in enumerate(items):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, : len(lab)] = torch.tensor(lab)
+        return {"input_features": features, "decoder_input_ids": ids, "labels": labels}
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        self.setup()
+        return ResumableDataLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed,
+                                   collate_fn=lambda b: self._collate(b, True), num_workers=self.num_workers,
+                                   drop_last=True)
+
+    def val_dataloader(self) -> ResumableDataLoader:
+        self.setup()
+        return ResumableDataLoader(self.val_set, self.batch_size, shuffle=False,
+                                   collate_fn=lambda b: self._collate(b, False), num_workers=self.num_workers)
+
+    def model_hints(self) -> dict[str, Any]:
+        frames = self.feature_extractor.nb_max_frames
+        return {"vocab_size": len(self.processor), "pad_token_id": self.processor.pad_token_id,
+                "decoder_start_token_id": self.token("<|startoftranscript|>"), "eos_token_id": self.end_id(),
+                "num_mel_bins": self.feature_extractor.feature_size, "max_source_positions": frames // 2}
+
+    def save_processor(self, directory: str | Path) -> None:
+        self.processor.save_pretrained(str(directory))
+        self.feature_extractor.save_pretrained(str(directory))
+        Path(directory, "asr_prompt.json").write_text(json.dumps({"language": self.language}))
+
+    def sample_inputs(self, n: int) -> list[int]:
+        return list(range(min(n, len(self.val_set))))
