@@ -1,0 +1,93 @@
+"""whisper_asr: prompt masking, audio errors, resampling, adapters, learning, and reloading a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modalforge.config import compose
+from modalforge.data.audio import AudioRef, load_audio
+from modalforge.data.errors import DataError
+from modalforge.plugins.audio.whisper_asr.data import IGNORE, WhisperASRDataModule
+from modalforge.run import run
+from modalforge.testing import assert_plugin_conforms
+
+from cli_helpers import FAST, series
+
+FAST_FIT = ["optim.warmup_steps=0", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def dm() -> WhisperASRDataModule:
+    module = WhisperASRDataModule(batch_size=4)
+    module.setup()
+    return module
+
+
+def test_decoder_prompt_is_masked_from_the_loss(dm):
+    ids, labels = dm.decoder_sequence("three one", "en")
+    prompt = dm.prompt_ids("en")
+    assert ids[:4] == prompt and len(ids) == len(labels)
+    assert labels[:3] == [IGNORE] * 3  # <|en|> <|transcribe|> <|notimestamps|> are inputs, never targets
+    assert labels[-1] == dm.end_id() and IGNORE not in labels[3:]
+    assert dm.processor.decode(labels[3:-1]).strip() == "three one"
+
+
+def test_batches_have_fixed_window_features(dm):
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_features"].shape == (4, 80, 200)  # 2 s window, 10 ms hop
+    assert batch["decoder_input_ids"].shape == batch["labels"].shape
+
+
+def test_any_sample_rate_is_resampled_to_16k(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "a.wav", np.zeros(22050, dtype=np.float32), 22050)
+    assert load_audio(AudioRef(path=str(tmp_path / "a.wav")), 16000).shape == (16000,)
+
+
+def test_unreadable_and_empty_audio_name_the_file(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    (tmp_path / "bad.wav").write_bytes(b"RIFF nonsense")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(DataError, match=r"bad.wav: unreadable audio"):
+        load_audio(AudioRef(path=str(tmp_path / "bad.wav")), 16000)
+    with pytest.raises(DataError, match=r"empty.wav: empty audio"):
+        load_audio(AudioRef(path=str(tmp_path / "empty.wav")), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "bad.wav"}) + "\n")
+    with pytest.raises(DataError, match=r"m.jsonl, line 1: missing field 'text'"):
+        WhisperASRDataModule(train=str(manifest), val=str(manifest)).setup()
+
+
+def test_conforms(tmp_path):
+    assert_plugin_conforms("whisper_asr", tmp_path, FAST_FIT, steps=10)
+
+
+def test_frozen_encoder(tmp_path):
+    report = assert_plugin_conforms("whisper_asr", tmp_path, [*FAST_FIT, "objective.freeze_encoder=true"], steps=10)
+    assert report.changed and not any(".encoder." in n for n in report.changed)
+
+
+def test_lora_on_attention_projections(tmp_path):
+    report = assert_plugin_conforms("whisper_asr", tmp_path, [*FAST_FIT, "adapter=lora", "optim.lr=1e-2"], steps=10)
+    assert report.changed and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in report.changed)
+
+
+def test_offline_default_wer_falls_and_the_run_reloads(tmp_path):
+    cfg = compose(["plugin=whisper_asr", *FAST, "trainer.max_steps=250", "trainer.val_check_interval=125",
+                   "callbacks=none"])
+    run(cfg, tmp_path / "first")
+    wer = series(tmp_path / "first", "val/wer")
+    assert wer[max(wer)] < 0.5, wer
+    # the exported folder (model + tokenizer + feature extractor) is a valid model.name_or_path
+    again = compose(["plugin=whisper_asr", *FAST, "model=whisper_asr/pretrained",
+                     f"model.name_or_path={tmp_path / 'first' / 'final'}", "trainer.max_steps=2",
+                     "trainer.val_check_interval=2", "callbacks=none"])
+    run(again, tmp_path / "second")
+    assert series(tmp_path / "second", "val/wer")[1] < 0.5
