@@ -1,0 +1,1 @@
+"""Hydra configs of the wav2vec2 plugin."""
