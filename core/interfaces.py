@@ -20,7 +20,7 @@ from torch import nn
 
 from modalforge.plugin import Plugin
 
-__all__ = ["Adapter", "DataModule", "Objective", "Plugin", "StepOutput"]
+__all__ = ["Adapter", "DataModule", "ModelObjective", "Objective", "Plugin", "StepOutput"]
 
 
 @dataclass
@@ -158,6 +158,32 @@ class Objective(nn.Module, abc.ABC):
 
             Path(directory).mkdir(parents=True, exist_ok=True)
             save_model(target, str(Path(directory) / "model.safetensors"))
+
+
+class ModelObjective(Objective):
+    """An Objective around one model, built from the ``model`` config and the DataModule's hints.
+
+    Most paradigms train one model; they subclass this and write only their steps.
+    ``build_model`` calls the config's ``_target_`` builder with the hints it accepts
+    (``vocab_size``, ``num_classes``...). Override ``configure_model`` to build more.
+    """
+
+    def __init__(self, model: Mapping[str, Any] | None = None) -> None:
+        super().__init__(model)
+        self.model: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            from modalforge.models import build_model
+
+            hints = self.datamodule.model_hints() if self.datamodule is not None else {}
+            self.model = build_model(self.model_config, hints)
+
+    def adapter_target(self) -> nn.Module:
+        return self.model
+
+    def set_adapter_target(self, module: nn.Module) -> None:
+        self.model = module
 
 
 class Adapter(abc.ABC):

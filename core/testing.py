@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from modalforge.config import compose
 from modalforge.run import build_components, build_module

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from torch import nn
 
 from modalforge.optim import build_optimizer, build_scheduler, lr_lambda, parameter_groups

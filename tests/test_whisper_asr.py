@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from modalforge.config import compose
 from modalforge.data.audio import AudioRef, load_audio

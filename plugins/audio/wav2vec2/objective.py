@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from modalforge.interfaces import Objective, StepOutput
+from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.models import build_model
 
 
-class Wav2Vec2Objective(Objective):
+class Wav2Vec2Objective(ModelObjective):
     """wav2vec 2.0 self-supervised pretraining.
 
     Args:
@@ -38,7 +38,6 @@ class Wav2Vec2Objective(Objective):
         super().__init__(model)
         self.mask_prob, self.mask_length, self.num_negatives = mask_prob, mask_length, num_negatives
         self.gumbel = (gumbel_max, gumbel_min, gumbel_decay)
-        self.model: nn.Module | None = None
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.val_acc, self.val_loss = MeanMetric(), MeanMetric()
 
@@ -46,9 +45,6 @@ class Wav2Vec2Objective(Objective):
         if self.model is None:
             self.model = build_model(self.model_config)
             self.model.config.num_negatives = self.num_negatives
-
-    def adapter_target(self) -> nn.Module:
-        return self.model
 
     def set_adapter_target(self, module: nn.Module) -> None:
         self.model = module

@@ -13,13 +13,12 @@ import torch
 from torch import nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
-from modalforge.interfaces import Objective, StepOutput
-from modalforge.models import build_model
+from modalforge.interfaces import ModelObjective, StepOutput
 
 IGNORE = -100
 
 
-class WhisperASRObjective(Objective):
+class WhisperASRObjective(ModelObjective):
     """Fine-tune or train Whisper for transcription.
 
     Args:
@@ -32,19 +31,7 @@ class WhisperASRObjective(Objective):
                  max_new_tokens: int = 24) -> None:
         super().__init__(model)
         self.freeze_encoder, self.max_new_tokens = freeze_encoder, max_new_tokens
-        self.model: nn.Module | None = None
         self.wer, self.cer = WordErrorRate(), CharErrorRate()
-
-    def configure_model(self) -> None:
-        if self.model is None:
-            hints = self.datamodule.model_hints() if self.datamodule is not None else {}
-            self.model = build_model(self.model_config, hints)
-
-    def adapter_target(self) -> nn.Module:
-        return self.model
-
-    def set_adapter_target(self, module: nn.Module) -> None:
-        self.model = module
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.model.get_encoder()] if self.freeze_encoder else []

@@ -13,12 +13,11 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from modalforge.interfaces import Objective, StepOutput
-from modalforge.models import build_model
+from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.plugins.text.causal_lm.model import block_classes_for
 
 
-class CausalLMObjective(Objective):
+class CausalLMObjective(ModelObjective):
     """Next-token prediction on packed blocks.
 
     Args:
@@ -29,20 +28,7 @@ class CausalLMObjective(Objective):
     def __init__(self, model: Mapping[str, Any] | None = None, sample_max_new_tokens: int = 24) -> None:
         super().__init__(model)
         self.sample_max_new_tokens = sample_max_new_tokens
-        self.model: nn.Module | None = None
         self.val_loss = MeanMetric()
-
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        hints = self.datamodule.model_hints() if self.datamodule is not None else {}
-        self.model = build_model(self.model_config, hints)
-
-    def adapter_target(self) -> nn.Module:
-        return self.model
-
-    def set_adapter_target(self, module: nn.Module) -> None:
-        self.model = module
 
     def block_classes(self) -> set[type[nn.Module]]:
         return block_classes_for(self.model_config)

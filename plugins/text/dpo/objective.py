@@ -20,8 +20,7 @@ from torchmetrics import MeanMetric
 
 from modalforge.data.cache import cache_root
 from modalforge.errors import ModalforgeError
-from modalforge.interfaces import Objective, StepOutput
-from modalforge.models import build_model
+from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.plugins.text.causal_lm.model import block_classes_for
 from modalforge.plugins.text.chat.generate import answer
 from modalforge.plugins.text.dpo import losses
@@ -38,7 +37,7 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return (logp * mask).sum(-1), mask.sum(-1).clamp(min=1)
 
 
-class DPOObjective(Objective):
+class DPOObjective(ModelObjective):
     """Preference optimisation.
 
     Args:
@@ -66,20 +65,11 @@ class DPOObjective(Objective):
         self.loss_name, self.beta, self.label_smoothing = loss, beta, label_smoothing
         self.gamma_beta_ratio, self.weights = gamma_beta_ratio, (desirable_weight, undesirable_weight)
         self.reference_mode, self.sample_max_new_tokens = reference, sample_max_new_tokens
-        self.model: nn.Module | None = None
         self.reference: nn.Module | None = None
         self._table: dict[str, torch.Tensor] | None = None
         self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric()
 
     # ---- building -----------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.model is None:
-            hints = self.datamodule.model_hints() if self.datamodule is not None else {}
-            self.model = build_model(self.model_config, hints)
-
-    def adapter_target(self) -> nn.Module:
-        return self.model
-
     def set_adapter_target(self, module: nn.Module) -> None:
         self.model = module
         if self.loss_name in REFERENCE_FREE:
@@ -116,6 +106,9 @@ class DPOObjective(Objective):
             return self._table
         dm = self.datamodule
         digest = hashlib.sha256(repr((self.model_config, [dm.train_set.items, dm.val_set.items])).encode())
+        for name, param in self.model.named_parameters():  # which initial weights: a from-scratch model depends on the seed
+            digest.update(name.encode())
+            digest.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
         path = cache_root(dm.cache_dir) / "dpo_reference" / f"{digest.hexdigest()[:20]}.pt"
         if path.exists():
             self._table = torch.load(path, map_location="cpu")

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from modalforge.interfaces import Objective, StepOutput
-from modalforge.models import build_model
+from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.plugins.text.causal_lm.model import block_classes_for
 
 
@@ -23,7 +22,7 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 
     return -F.logsigmoid(chosen - rejected - margin).mean()
 
 
-class RewardModelObjective(Objective):
+class RewardModelObjective(ModelObjective):
     """Learn a scalar reward that ranks chosen above rejected.
 
     Args:
@@ -36,19 +35,7 @@ class RewardModelObjective(Objective):
                  center_rewards: float = 0.0) -> None:
         super().__init__(model)
         self.margin, self.center_rewards = margin, center_rewards
-        self.model: nn.Module | None = None
         self.val_accuracy = MeanMetric()
-
-    def configure_model(self) -> None:
-        if self.model is None:
-            hints = self.datamodule.model_hints() if self.datamodule is not None else {}
-            self.model = build_model(self.model_config, hints)
-
-    def adapter_target(self) -> nn.Module:
-        return self.model
-
-    def set_adapter_target(self, module: nn.Module) -> None:
-        self.model = module
 
     def trainable_heads(self) -> list[str]:
         return ["score"]

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from modalforge.interfaces import Objective, StepOutput
-from modalforge.models import build_model
+from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.plugins.text.causal_lm.model import block_classes_for
 from modalforge.plugins.text.chat.generate import answer
 from modalforge.plugins.text.chat.tokenize import IGNORE
@@ -29,7 +28,7 @@ def token_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     return loss, accuracy, count
 
 
-class SFTObjective(Objective):
+class SFTObjective(ModelObjective):
     """Supervised fine-tuning of a causal LM.
 
     Args:
@@ -40,19 +39,7 @@ class SFTObjective(Objective):
     def __init__(self, model: Mapping[str, Any] | None = None, sample_max_new_tokens: int = 16) -> None:
         super().__init__(model)
         self.sample_max_new_tokens = sample_max_new_tokens
-        self.model: nn.Module | None = None
         self.val_loss = MeanMetric()
-
-    def configure_model(self) -> None:
-        if self.model is None:
-            hints = self.datamodule.model_hints() if self.datamodule is not None else {}
-            self.model = build_model(self.model_config, hints)
-
-    def adapter_target(self) -> nn.Module:
-        return self.model
-
-    def set_adapter_target(self, module: nn.Module) -> None:
-        self.model = module
 
     def block_classes(self) -> set[type[nn.Module]]:
         return block_classes_for(self.model_config)

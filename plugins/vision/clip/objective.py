@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modalforge.interfaces import Objective, StepOutput
+from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.models import build_model
 
 
@@ -46,7 +46,7 @@ def recall_at_k(similarity: torch.Tensor, groups_q: torch.Tensor, groups_c: torc
     return (groups_c[top] == groups_q[:, None]).any(dim=1).float().mean()
 
 
-class CLIPObjective(Objective):
+class CLIPObjective(ModelObjective):
     """Contrastive image-text training.
 
     Args:
@@ -62,7 +62,6 @@ class CLIPObjective(Objective):
         if loss not in ("clip", "siglip"):
             raise ValueError(f"objective.loss={loss!r} is not one of: clip, siglip")
         self.loss_name, self.lock_image, self.lock_text = loss, lock_image, lock_text
-        self.model: nn.Module | None = None
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]] = []
         self.hints: dict[str, Any] = {}
 
@@ -82,12 +81,6 @@ class CLIPObjective(Objective):
         if self.loss_name == "siglip":
             return SigLipLoss(rank=rank, world_size=world)
         return ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
-
-    def adapter_target(self) -> nn.Module:
-        return self.model
-
-    def set_adapter_target(self, module: nn.Module) -> None:
-        self.model = module
 
     def _text_tower(self) -> list[nn.Module]:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

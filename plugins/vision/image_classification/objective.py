@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from modalforge.interfaces import Objective, StepOutput
-from modalforge.models import build_model
+from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.plugins.vision.image_classification.model import body_linears, classifier_heads
 
 
-class ImageClassificationObjective(Objective):
+class ImageClassificationObjective(ModelObjective):
     """Classify images into the dataset's classes.
 
     Args:
@@ -32,26 +31,18 @@ class ImageClassificationObjective(Objective):
     def __init__(self, model: Mapping[str, Any] | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__(model)
         self.label_smoothing = label_smoothing
-        self.model: nn.Module | None = None
         self.classes: list[str] = []
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hints = self.datamodule.model_hints() if self.datamodule is not None else {}
+        super().configure_model()
         self.classes = list(getattr(self.datamodule, "classes", []))
-        self.model = build_model(self.model_config, hints)
-        k = hints.get("num_classes") or len(self.classes)
+        k = len(self.classes)
         self.top1 = MulticlassAccuracy(num_classes=k, top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro") if k > 5 else None
         self.confusion = MulticlassConfusionMatrix(num_classes=k)
         self._heads = classifier_heads(self.model, k)
-
-    def adapter_target(self) -> nn.Module:
-        return self.model
-
-    def set_adapter_target(self, module: nn.Module) -> None:
-        self.model = module
 
     def trainable_heads(self) -> list[str]:
         return list(self._heads)
