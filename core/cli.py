@@ -40,16 +40,19 @@ def _fail(message: str, code: int = 1) -> None:
 def _task(cfg) -> None:  # noqa: ANN001 - DictConfig, imported lazily
     from hydra.core.hydra_config import HydraConfig
 
-    from modalforge.errors import user_error
+    from modalforge.errors import missing_dependency, user_error
     from modalforge.run import run
 
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
     except Exception as err:  # noqa: BLE001 - user errors print one line; bugs keep their trace
         known = user_error(err)
-        if known is None:
+        if known is not None:
+            _fail(str(known))
+        hint = missing_dependency(err)
+        if hint is None:
             raise
-        _fail(str(known))
+        _fail(hint)
 
 
 def train(argv: Sequence[str] | None = None) -> None:

@@ -108,3 +108,17 @@ def test_plugin_names_must_match_entry_point(monkeypatch):
     assert "other_name" not in found
     assert any("other_name" in str(w.message) for w in caught)
     assert isinstance(found["causal_lm"].plugin, Plugin)
+
+
+def test_missing_optional_dependency_names_the_extra():
+    from modalforge.errors import missing_dependency
+
+    try:
+        try:
+            raise ModuleNotFoundError("No module named 'open_clip'", name="open_clip")
+        except ModuleNotFoundError as inner:
+            raise RuntimeError("Error in call to target 'modalforge.plugins.vision.clip.data.CLIPDataModule'") from inner
+    except RuntimeError as err:
+        assert missing_dependency(err) == ("this plugin needs the package 'open_clip', which is not installed: "
+                                           'pip install "modalforge[vision]"')
+    assert missing_dependency(ValueError("other")) is None
