@@ -122,12 +122,20 @@ class TrainingModule(L.LightningModule):
                 "is every parameter frozen (adapter) or was the loss computed under no_grad?"
             )
         self.last_num_tokens, self.last_batch_size = out.num_tokens, out.batch_size
-        self._log_output("train", out)
-        optimizers = self.trainer.optimizers if self._trainer is not None else []
-        if optimizers:
-            self.log("train/lr", optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False,
-                     batch_size=out.batch_size)
+        if self._logs_this_step():
+            self._log_output("train", out)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True,
+                     on_epoch=False, batch_size=out.batch_size)
         return out.loss
+
+    def _logs_this_step(self) -> bool:
+        # Loggers only write every `log_every_n_steps`; skipping self.log in between saves
+        # a measurable share of a small model's step time (benchmarks/overhead.py).
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return False
+        every = max(1, int(trainer.log_every_n_steps or 1))
+        return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         out = self.objective.validation_step(batch)
