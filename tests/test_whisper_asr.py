@@ -90,3 +90,23 @@ def test_offline_default_wer_falls_and_the_run_reloads(tmp_path):
                      "trainer.val_check_interval=2", "callbacks=none"])
     run(again, tmp_path / "second")
     assert series(tmp_path / "second", "val/wer")[1] < 0.5
+
+
+def test_reads_webdataset_shards_with_audio_and_transcripts(dm, tmp_path):
+    import webdataset as wds
+
+    folder = dm._synthetic()
+    lines = [json.loads(l) for l in (folder / "val.jsonl").read_text().splitlines()[:6]]
+    with wds.TarWriter(str(tmp_path / "shard-000.tar")) as sink:
+        for i, item in enumerate(lines):
+            sink.write({"__key__": f"u{i}", "wav": (folder / item["audio"]).read_bytes(), "txt": item["text"]})
+        sink.write({"__key__": "notext", "wav": (folder / lines[0]["audio"]).read_bytes()})
+    with pytest.raises(DataError, match=r"shard-000.tar, key notext: shard sample needs audio .* and a transcript"):
+        WhisperASRDataModule(train=str(folder / "train.jsonl"), val=str(tmp_path / "shard-000.tar")).setup()
+    with wds.TarWriter(str(tmp_path / "good-000.tar")) as sink:
+        for i, item in enumerate(lines):
+            sink.write({"__key__": f"u{i}", "wav": (folder / item["audio"]).read_bytes(), "txt": item["text"]})
+    shards = WhisperASRDataModule(train=str(folder / "train.jsonl"), val=str(tmp_path / "good-000.tar"))
+    shards.setup()
+    features, ids, labels = shards.val_set[2]
+    assert features.shape == (80, 200) and shards.val_set.items[2].text == lines[2]["text"]
