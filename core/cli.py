@@ -32,9 +32,27 @@ def _plugin_names(argv: Sequence[str]) -> list[str] | None:
     return None
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int | None = None, hint: str | None = None) -> None:
+    from modalforge.errors import USER_ERROR_EXIT
+
+    sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    raise SystemExit(USER_ERROR_EXIT if code is None else code)
+
+
+def _report_user_error(err: BaseException) -> None:
+    """Print a user error as its last lines (``error: <where>: <what>`` + one hint) and exit."""
+    import traceback
+
+    from modalforge.errors import USER_ERROR_EXIT, debug_enabled, format_user_error
+
+    if debug_enabled():
+        traceback.print_exception(err)
+    sys.stdout.flush()
+    print("\n".join(format_user_error(err)), file=sys.stderr)
+    raise SystemExit(USER_ERROR_EXIT)
 
 
 def _task(cfg) -> None:  # noqa: ANN001 - DictConfig, imported lazily
@@ -43,21 +61,135 @@ def _task(cfg) -> None:  # noqa: ANN001 - DictConfig, imported lazily
     from modalforge.errors import missing_dependency, user_error
     from modalforge.run import run
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
+    except SIGTERMException:  # a SystemExit: a preempted job, checkpointed by CheckpointOnInterrupt
+        sys.stdout.flush()
+        print("[modalforge] stopped by SIGTERM after a checkpoint; the same command plus ckpt_path=last resumes",
+              file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT) from None
     except Exception as err:  # noqa: BLE001 - user errors print one line; bugs keep their trace
         known = user_error(err)
         if known is not None:
-            _fail(str(known))
+            _report_user_error(known)
         hint = missing_dependency(err)
         if hint is None:
             raise
         _fail(hint)
 
 
+#: ``train`` stopped by SIGTERM (a preempted job) exits 128 + 15, as a shell reports it.
+SIGTERM_EXIT = 143
+
+
+def _is_multirun(argv: Sequence[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in argv)
+
+
+def _precheck(argv: list[str]) -> list[str]:
+    """Compose and validate before Hydra starts a job; returns extra overrides for the job.
+
+    Catching mistakes here means Hydra never creates or writes into the run directory
+    for a config that cannot run, and a finished run's ``.hydra/`` is never rewritten:
+    a later attempt in the same ``run_dir`` writes its own ``.hydra/attempt_N/``.
+    """
+    from pathlib import Path
+
+    from modalforge.config import compose
+    from modalforge.rundir import attempt_subdir, check_run_dir
+    from modalforge.validate import validate_config
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        cfg = compose(overrides)
+    except Exception as err:  # noqa: BLE001 - Hydra's composition errors, turned into one line
+        raise _composition_error(err, overrides) from None
+    validate_config(cfg)
+    if any(o.split("=", 1)[0].lstrip("+~") in ("hydra.run.dir", "hydra.output_subdir") for o in overrides):
+        return []
+    try:
+        run_dir = Path(str(cfg.run_dir))
+    except Exception:  # noqa: BLE001 - an interpolation only a running job resolves
+        return []
+    check_run_dir(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+    subdir = attempt_subdir(run_dir)
+    if subdir is not None and not bool(cfg.get("overwrite", False)):
+        print(f"[modalforge] {run_dir} was used before: this attempt's config goes to {run_dir / subdir}")
+        return [f"hydra.output_subdir={subdir}"]
+    return []
+
+
+def _composition_error(err: BaseException, overrides: list[str]) -> BaseException:
+    """A ``ConfigError`` naming the override that Hydra could not apply, with close valid keys."""
+    import difflib
+
+    from modalforge.errors import ConfigError
+
+    options = getattr(err, "options", None)
+    missing = getattr(err, "missing_cfg_file", None)
+    if missing and options is not None:
+        group, _, name = str(missing).rpartition("/")
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+        return ConfigError(f"no option '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""),
+                           where=group or missing, hint=f"options of {group}: {', '.join(options)}")
+    messages = []
+    current: BaseException | None = err
+    while current is not None and len(messages) < 4:
+        messages.append(str(current).splitlines()[0] if str(current) else type(current).__name__)
+        current = current.__cause__ or current.__context__
+    text = " ".join(messages)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if f"'{key}'" in text or f"full_key: {key}" in str(err.__cause__ or ""):
+            parent, _, leaf = key.rpartition(".")
+            valid = _valid_keys(parent, [o for o in overrides if o != override])
+            close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+            if "not in" in text or "not found" in text.lower():
+                hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else (
+                    f"valid keys of {parent or 'the root'}: {', '.join(valid)}" if valid else None)
+                return ConfigError("unknown key", where=key, hint=hint)
+            return ConfigError(messages[-1], where=key)
+    return ConfigError(": ".join(dict.fromkeys(messages)))
+
+
+def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
+    from omegaconf import DictConfig, OmegaConf
+
+    from modalforge.config import compose
+
+    try:
+        node = OmegaConf.select(compose(overrides), parent) if parent else compose(overrides)
+    except Exception:  # noqa: BLE001
+        return []
+    return [str(k) for k in node] if isinstance(node, DictConfig) else []
+
+
+def _expand_trl_config(argv: list[str]) -> list[str]:
+    """``trl_config=<file>``: a TRL DPOConfig/SFTConfig/GRPOConfig file as Hydra overrides, before Hydra composes."""
+    if not any(a.startswith("trl_config=") for a in argv):
+        return argv
+    from modalforge.errors import ModalforgeError
+    from modalforge.trl_config import expand_argv
+
+    try:
+        return expand_argv(argv)
+    except ModalforgeError as err:
+        _report_user_error(err)
+        raise  # unreachable: _report_user_error exits
+
+
 def train(argv: Sequence[str] | None = None) -> None:
     """The ``train`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from modalforge.cli_args import translate_argv  # LightningCLI-style --trainer.max_steps=... forms
+    from modalforge.errors import ConfigError
+
+    try:
+        argv = translate_argv(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as err:
+        _report_user_error(err)
+    argv = _expand_trl_config(argv)
     try:
         from modalforge import config
 
@@ -71,6 +203,15 @@ def train(argv: Sequence[str] | None = None) -> None:
     except registry.PluginError as err:
         _fail(str(err))
 
+    if not _is_multirun(argv) and not any(a in _HYDRA_INFO_FLAGS or a.startswith("--cfg") or a == "-c"
+                                          for a in argv):
+        from modalforge.errors import ModalforgeError
+
+        try:
+            argv += _precheck(argv)
+        except ModalforgeError as err:
+            _report_user_error(err)
+
     import hydra
 
     sys.argv = [sys.argv[0], *argv]
@@ -83,11 +224,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plugins", help="list installed plugins with modality, package and description")
     sub.add_parser("version", help="print the modalforge version")
+    compare = sub.add_parser("compare", help="table and plots of several runs, or of a sweep (train -m)")
+    compare.add_argument("runs", nargs="+", help="run directories and/or a multirun (sweep) directory")
+    compare.add_argument("--out", default=None, help="report folder (default: <first run dir>/compare)")
+    from modalforge import pipeline
+
+    pipeline.add_arguments(sub.add_parser("pipeline", help="run train stages in order, each from the last's outputs"))
     args = parser.parse_args(argv)
+    if args.command == "pipeline":
+        pipeline.main(args)
     if args.command == "version":
         from modalforge import __version__
 
         print(__version__)
+    elif args.command == "compare":
+        from modalforge.compare import compare as compare_runs
+        from modalforge.errors import ModalforgeError
+
+        try:
+            compare_runs(args.runs, out=args.out)
+        except ModalforgeError as err:
+            _report_user_error(err)
     elif args.command == "plugins":
         try:
             print(registry.describe())

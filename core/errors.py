@@ -1,14 +1,53 @@
-"""The error types a user can fix; the CLI prints their message without a stack trace."""
+"""The error types a user can fix; the CLI prints them as ``error: <where>: <what>`` without a stack trace.
+
+One error shape everywhere (DESIGN.md, "Failing well"): *where* (a config key, a
+file and line, a shard and key, a run directory) and *what*, plus at most one
+hint line saying how to fix it. ``train`` exits with :data:`USER_ERROR_EXIT`
+for these, and with Python's usual 1 for a crash (a bug), so scripts can tell
+the two apart. ``MODALFORGE_DEBUG=1`` prints the traceback as well.
+"""
 
 from __future__ import annotations
 
+import os
+
+#: Exit code of ``train`` when the user's input was wrong (a crash exits with 1).
+USER_ERROR_EXIT = 2
+
 
 class ModalforgeError(Exception):
-    """Base of user-facing errors: the message says what is wrong and how to fix it."""
+    """Base of user-facing errors: the message says what is wrong, ``where`` says where.
+
+    Args:
+        message: what is wrong (and what was expected).
+        where: the config key, file and line, or folder the user must look at.
+        hint: one line on how to fix it, printed under the error.
+    """
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
+        self.where, self.what, self.hint = where, message, hint
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ConfigError(ModalforgeError):
+    """A config value, key or combination that cannot work; ``where`` is the config key."""
 
 
 class ModelLoadError(ModalforgeError):
     """A model or tokenizer could not be loaded (offline hub, wrong path...)."""
+
+
+class CheckpointError(ModalforgeError):
+    """A checkpoint that cannot be read, or that does not fit the model the config builds."""
+
+
+class RunDirError(ModalforgeError):
+    """A run directory that would be overwritten, or holds nothing to resume."""
+
+
+def debug_enabled() -> bool:
+    """``MODALFORGE_DEBUG=1`` (or ``true``): show tracebacks of user errors too."""
+    return os.environ.get("MODALFORGE_DEBUG", "").lower() in ("1", "true", "yes", "on")
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -23,8 +62,20 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def format_user_error(err: BaseException) -> list[str]:
+    """The lines the CLI prints for a user error: ``error: <where>: <what>`` and at most one hint."""
+    text = str(err).strip() or type(err).__name__
+    first, _, rest = text.partition("\n")
+    hint = getattr(err, "hint", None) or (rest.strip().replace("\n", " ") if rest.strip() else None)
+    lines = [f"error: {first}"]
+    if hint:
+        lines.append(f"hint: {hint}")
+    return lines
+
+
 EXTRAS = {"open_clip": "vision", "torchvision": "vision", "timm": "vision", "PIL": "vision",
-          "torchaudio": "audio", "soundfile": "audio", "deepspeed": "deepspeed", "tensorboard": "loggers"}
+          "diffusers": "vision", "torchaudio": "audio", "soundfile": "audio", "deepspeed": "deepspeed",
+          "tensorboard": "loggers", "trl": "bench"}
 
 
 def missing_dependency(err: BaseException) -> str | None:

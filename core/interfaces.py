@@ -30,14 +30,20 @@ class StepOutput:
     Args:
         loss: scalar tensor to minimise (``None`` on validation if the objective has none).
         metrics: scalars to log, keyed by name without a stage prefix (``acc``, ``rewards/margin``).
-        num_tokens: tokens (or samples, frames...) that contributed, for throughput logging.
+        num_tokens: input tokens the model read, padding excluded (frames, patches... for other
+            modalities), for ``train/tokens_per_s``: the same definition in every plugin, so runs
+            compare. An int, or a 0-d tensor, which spares a device sync per step.
         batch_size: number of examples, so Lightning averages logged metrics correctly.
+        num_learned_tokens: tokens the loss is computed on (labels that are not ignored: the
+            assistant tokens in ``sft``, the completions in ``dpo``), for
+            ``train/learned_tokens_per_s``; ``None`` when the loss is not per token.
     """
 
     loss: torch.Tensor | None
     metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
-    num_tokens: int | None = None
+    num_tokens: int | torch.Tensor | None = None
     batch_size: int | None = None
+    num_learned_tokens: int | torch.Tensor | None = None
 
 
 class DataModule(L.LightningDataModule, abc.ABC):
@@ -144,6 +150,15 @@ class Objective(nn.Module, abc.ABC):
     def sample(self, inputs: list[Any]) -> list[str]:
         """Human-readable samples (generated text, transcripts) for a few inputs."""
         return []
+
+    def sample_images(self) -> dict[str, Any]:
+        """Images for humans at each validation (a grid of generated samples...), keyed by name.
+
+        Each value is a ``(C, H, W)`` float tensor in ``[0, 1]``. The core writes it to
+        ``<run_dir>/images/<name>/step<N>.png`` and hands it to the loggers that show images
+        (TensorBoard ``add_image``, Weights & Biases ``log_image``). Called on rank zero after
+        :meth:`validation_epoch_metrics`, so an Objective can keep what it sampled there."""
+        return {}
 
     # ---- saving -------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

@@ -33,7 +33,18 @@ def build_model(model_cfg: Mapping[str, Any], hints: Mapping[str, Any] | None = 
 
 
 def offline_hint(name_or_path: str, err: BaseException, what: str = "model") -> ModelLoadError:
-    """A ``ModelLoadError`` that says the hub may be unreachable and how to use a local copy."""
+    """A ``ModelLoadError`` that says the hub may be unreachable and how to use a local copy.
+
+    A local folder that exists but holds no saved model is named as such: advice to
+    download it from the hub would send the user the wrong way."""
+    import os
+
+    if os.path.isdir(os.path.expanduser(str(name_or_path))):
+        files = sorted(os.listdir(os.path.expanduser(str(name_or_path))))[:8]
+        return ModelLoadError(
+            f"folder {name_or_path!r} holds no loadable {what} ({'empty' if not files else 'files: ' + ', '.join(files)}): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            where="model.name_or_path", hint="point at a folder written by save_pretrained (a run's final/ is one)")
     return ModelLoadError(
         f"could not load {what} {name_or_path!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
         f"If this machine has no access to the Hugging Face Hub, download the {what} elsewhere "

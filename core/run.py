@@ -7,6 +7,7 @@ Kept apart from the Hydra entry point so tests and notebooks can call
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from modalforge import registry
 from modalforge.callbacks.export import ExportOnTrainEnd
+from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoint
+from modalforge.errors import RunDirError
 from modalforge.callbacks.interrupt import CheckpointOnInterrupt
 from modalforge.interfaces import Adapter, DataModule, Objective
 from modalforge.module import TrainingModule
+from modalforge.rundir import check_run_dir, mark_finished
 from modalforge.scale import build_strategy, check_precision
 from modalforge.trainer_schema import trainer_kwargs
+from modalforge.validate import resolved, validate_config
 
 
 def build_components(cfg: DictConfig) -> tuple[DataModule, Objective, Adapter]:
@@ -114,7 +119,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
-        return _newest_checkpoint(output_dir / "checkpoints")
+        found = _newest_checkpoint(output_dir / "checkpoints")
+        if found is None:
+            raise RunDirError(f"ckpt_path=last but {output_dir / 'checkpoints'} holds no .ckpt file: nothing to resume",
+                              where=f"run_dir={output_dir}",
+                              hint="check run_dir (the folder of the run to continue), or drop ckpt_path=last")
+        return found
     path = Path(ckpt_path)
     if path.is_dir():
         found = _newest_checkpoint(path / "checkpoints") or _newest_checkpoint(path)
@@ -133,13 +143,36 @@ def _newest_checkpoint(folder: Path) -> str | None:
     return str(max(candidates, key=lambda p: (p.stat().st_mtime, p.name)))
 
 
+def close_progress_bars(trainer: L.Trainer) -> None:
+    """End the progress bar's line so that an error printed next is a line of its own."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, TQDMProgressBar):
+            for name in ("train_progress_bar", "val_progress_bar"):
+                bar = getattr(callback, f"_{name}", None)
+                if bar is not None and not getattr(bar, "disable", True):
+                    bar.close()
+    sys.stdout.flush()
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingModule, DataModule]:
-    """Train as the config says; returns the trainer, module and datamodule for inspection."""
+    """Train as the config says; returns the trainer, module and datamodule for inspection.
+
+    The config is validated in full first, and the run directory checked (a finished
+    run is never overwritten), before any data is read or model built.
+    """
     output_dir = Path(output_dir)
+    validate_config(cfg)
+    check_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    old_config = read_checkpoint(ckpt_path).get(CONFIG_KEY) if ckpt_path else None
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule, objective, adapter = build_components(cfg)
     module = build_module(cfg, objective, adapter)
+    run_config = resolved(cfg)
+    module.run_config = run_config  # saved in each checkpoint, to explain a resume that does not fit
 
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs = trainer_kwargs(trainer_cfg)
@@ -151,7 +184,6 @@ def run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMod
     enable_ckpt = kwargs.get("enable_checkpointing", True) is not False
     kwargs["callbacks"] = build_callbacks(cfg, output_dir, enable_ckpt, kwargs.get("enable_progress_bar") is not False) \
         + list(kwargs.get("callbacks") or [])
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if kwargs.get("logger", None) is not False:
         kwargs["logger"] = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
     kwargs.setdefault("default_root_dir", str(output_dir))
@@ -159,7 +191,18 @@ def run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMod
     trainer = L.Trainer(**kwargs)
     if ckpt_path:
         print(f"[modalforge] resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if trainer.is_global_zero and os.environ.get("MODALFORGE_QUIET") is None:
-        print(f"[modalforge] run directory: {output_dir}")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException as err:
+        close_progress_bars(trainer)
+        explained = explain_load_error(err, ckpt_path, old_config, run_config) if ckpt_path else None
+        if explained is not None:
+            raise explained from err
+        raise
+    if trainer.interrupted:
+        return trainer, module, datamodule
+    if trainer.is_global_zero:
+        mark_finished(output_dir, trainer.global_step)
+        if os.environ.get("MODALFORGE_QUIET") is None:
+            print(f"[modalforge] run directory: {output_dir}")
     return trainer, module, datamodule

@@ -7,6 +7,7 @@ import torch
 from fsspec.implementations.local import LocalFileOpener
 
 from modalforge.config import compose
+from modalforge.errors import RunDirError
 from modalforge.run import resolve_ckpt_path, run
 
 from cli_helpers import FAST
@@ -37,7 +38,8 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_ckpt_path_resolution(tmp_path):
     assert resolve_ckpt_path(None, tmp_path) is None
-    assert resolve_ckpt_path("last", tmp_path) is None  # nothing yet: a fresh start, like Lightning
+    with pytest.raises(RunDirError, match="nothing to resume"):  # never a silent fresh start
+        resolve_ckpt_path("last", tmp_path)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert resolve_ckpt_path("last", tmp_path).endswith("last.ckpt")

@@ -47,7 +47,7 @@ def test_any_trainer_argument_is_accepted(tmp_path):
 def test_missing_data_path_is_one_clear_line(tmp_path):
     proc = run_cli("train", "plugin=causal_lm", *FAST, f"data.train={tmp_path}/nothing/*.jsonl",
                    f"run_dir={tmp_path}/run", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "data.train" in proc.stderr and "nothing" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -56,14 +56,14 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     data = tmp_path / "corpus.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n')
     proc = run_cli("train", "plugin=causal_lm", *FAST, f"data.train={data}", f"run_dir={tmp_path}/run", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "corpus.jsonl" in proc.stderr and "line 3" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unloadable_model_name_says_how_to_use_a_local_folder(tmp_path):
     proc = run_cli("train", "plugin=causal_lm", *FAST, "model.name_or_path=some-org/not-here",
                    f"run_dir={tmp_path}/run", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "some-org/not-here" in proc.stderr and "model.name_or_path=" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -72,6 +72,67 @@ def test_shards_and_streaming(tmp_path):
         CLIPDataModule(train=str(tmp_path / "bad.tar"), val=str(shapes / "val.jsonl")).setup()
 
 
+SHAPES = ["circle", "square", "triangle", "cross", "ring", "bar"]
+
+
+def _integer_manifest(tmp_path, n=24, label=lambda shape: SHAPES.index(shape)):
+    """The first ``n`` demo validation pairs with their shape written as an integer label."""
+    shapes = CLIPDataModule()._synthetic()
+    lines = [json.loads(l) for l in (shapes / "val.jsonl").read_text().splitlines()[:n]]
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps({"image": str(shapes / item["image"]), "caption": item["caption"],
+                                        "label": label(item["label"])}) + "\n" for item in lines))
+    return path, [item["label"] for item in lines]
+
+
+def test_integer_labels_with_classnames_map_by_index_and_keep_zeroshot(tmp_path):
+    """Integer labels + data.classnames: label i is the i-th name, and zero-shot accuracy is measured with it."""
+    path, shapes = _integer_manifest(tmp_path)
+    dm = CLIPDataModule(train=str(path), val=str(path), classnames=SHAPES, batch_size=8)
+    dm.setup()
+    assert dm.val_set.labels == [SHAPES.index(s) for s in shapes]
+    objective = CLIPObjective(model=compose(["plugin=clip"]).model)
+    objective.connect(dm)
+    objective.configure_model()
+    prompts = []
+    tokenizer = dm.processor
+    dm.processor = lambda texts: (prompts.extend(texts), tokenizer(texts))[1]
+    for batch in dm.val_dataloader():
+        objective.validation_step(batch)
+    metrics = objective.validation_epoch_metrics()
+    assert 0.0 <= float(metrics["zeroshot_acc"]) <= 1.0
+    assert "a photo of a circle." in prompts and not any("a photo of a 0." in p for p in prompts)
+    # string labels that are the names match by name, whatever the order of data.classnames
+    named, _ = _integer_manifest(tmp_path, label=lambda shape: shape)
+    dm = CLIPDataModule(train=str(named), val=str(named), classnames=SHAPES[::-1])
+    dm.setup()
+    assert dm.val_set.labels == [SHAPES[::-1].index(s) for s in shapes]
+
+
+def test_labels_that_match_no_class_name_are_an_error(tmp_path):
+    path, _ = _integer_manifest(tmp_path)
+    with pytest.raises(DataError, match=r"val.jsonl, line \d+: label='[45]' matches no name in data.classnames "
+                                         r"\(4 names: .*\) and is not an index into them \(0..3\)"):
+        CLIPDataModule(train=str(path), val=str(path), classnames=SHAPES[:4]).setup()
+    named, _ = _integer_manifest(tmp_path, label=lambda shape: shape)
+    with pytest.raises(DataError, match=r"val.jsonl, line \d+: label='(cross|ring|bar)' matches no name"):
+        CLIPDataModule(train=str(named), val=str(named), classnames=["circle", "square", "triangle"]).setup()
+    with pytest.raises(DataError, match=r"data.classnames is set but no validation record has a label"):
+        CLIPDataModule(train=str(named), val=str(named), classnames=SHAPES, label_field="cls").setup()
+    with pytest.raises(DataError, match=r"data.templates: 'a photo' needs exactly one"):
+        CLIPDataModule(train=str(named), val=str(named), templates=["a photo"]).setup()
+
+
+def test_bare_number_class_names_warn(tmp_path, caplog):
+    path, shapes = _integer_manifest(tmp_path)
+    dm = CLIPDataModule(train=str(path), val=str(path))
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert "validation labels are bare numbers" in caplog.text and "data.classnames=[" in caplog.text
+    assert dm.classnames == [str(i) for i in range(6)]
+    assert dm.val_set.labels == [SHAPES.index(s) for s in shapes]
+
+
 def test_conforms(tmp_path):
     assert_plugin_conforms("clip", tmp_path, FAST_FIT, steps=10)
 

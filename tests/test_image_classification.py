@@ -26,7 +26,7 @@ FAST_FIT = ["data.batch_size=32", "optim.warmup_steps=0", "data.augment=none"]
 def shapes() -> Path:
     dm = ImageClassificationDataModule()
     dm.prepare_data()
-    return dm._synthetic()
+    return Path(dm.synthetic_data()[0]).parent
 
 
 def test_demo_datamodule_works_alone():

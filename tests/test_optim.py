@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from torch import nn
 
-from modalforge.optim import build_optimizer, build_scheduler, lr_lambda, parameter_groups
+from modalforge.errors import ModalforgeError
+from modalforge.optim import (build_optimizer, build_scheduler, clips_scaled_gradients, implementation_flags,
+                              lr_lambda, parameter_groups)
 
 
 class Tiny(nn.Module):
@@ -66,3 +69,49 @@ def test_scheduler_steps_the_optimizer_lr():
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="adamw, sgd, adamw_8bit"):
         build_optimizer(nn.Linear(2, 2).named_parameters(), {"name": "lion", "lr": 1e-3})
+
+
+def _train(implementation, steps=5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 1))
+    opt = build_optimizer(model.named_parameters(), {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1,
+                                                     "implementation": implementation})
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 8, generator=g)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt, model
+
+
+def test_fused_adamw_is_the_default_and_updates_as_the_plain_loop():
+    fused, fused_model = _train(None)  # optim.implementation unset: auto
+    assert all(g["fused"] for g in fused.param_groups)
+    for implementation in ("for_loop", "foreach"):
+        opt, model = _train(implementation)
+        assert not any(g["fused"] for g in opt.param_groups)
+        assert all(g["foreach"] == (implementation == "foreach") for g in opt.param_groups)
+        for a, b in zip(fused_model.parameters(), model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_implementation_choices_and_errors():
+    params = [nn.Parameter(torch.zeros(3))]
+    assert implementation_flags(params, "auto") == {"fused": True}
+    assert implementation_flags(params, "for_loop") == {"fused": False, "foreach": False}
+    # gradient clipping under a GradScaler (16-mixed): Lightning unscales before the step, which fused refuses
+    assert implementation_flags(params, "auto", unscale_before_step=True) == {"foreach": False}
+    with pytest.raises(ModalforgeError, match="optim.implementation=fused cannot be combined with gradient clipping"):
+        implementation_flags(params, "fused", unscale_before_step=True)
+    complex_params = [nn.Parameter(torch.zeros(3, dtype=torch.cfloat))]  # no fused kernel for complex
+    assert "fused" not in implementation_flags(complex_params, "auto")
+    with pytest.raises(ModalforgeError, match=r"optim.implementation=fused: torch has no fused kernel .*complex64"):
+        implementation_flags(complex_params, "fused")
+    with pytest.raises(ModalforgeError, match=r"optim.implementation='fast' is not one of: auto, fused, foreach"):
+        build_optimizer(nn.Linear(2, 2).named_parameters(), {"lr": 1e-3, "implementation": "fast"})
+    sgd = build_optimizer(nn.Linear(2, 2).named_parameters(), {"name": "sgd", "lr": 1e-3})
+    assert sgd.param_groups[0]["fused"]
+    trainer = type("T", (), {"gradient_clip_val": 1.0, "precision": "16-mixed"})()
+    assert clips_scaled_gradients(trainer) and not clips_scaled_gradients(
+        type("T", (), {"gradient_clip_val": 1.0, "precision": "bf16-mixed"})())

@@ -13,6 +13,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from modalforge.data.errors import DataError
+
 
 class CheckpointOnInterrupt(L.Callback):
     """Save ``<dirpath>/<filename>.ckpt`` from ``on_exception``.
@@ -29,5 +31,9 @@ class CheckpointOnInterrupt(L.Callback):
         if trainer.global_step == 0:
             return  # nothing trained yet: keep whatever checkpoint was there
         trainer.save_checkpoint(str(self.path))
-        rank_zero_info(f"[modalforge] {type(exception).__name__}: saved {self.path} at step {trainer.global_step}; "
-                       "resume with the same command plus ckpt_path=last")
+        how = "resume with the same command plus ckpt_path=last"
+        if isinstance(exception, DataError):
+            # Resuming alone would meet the same record again.
+            skip = " or add data.skip_bad=true to skip unreadable files," if hasattr(trainer.datamodule, "skip_bad") else ""
+            how = f"fix or remove the bad record{skip} then {how}"
+        rank_zero_info(f"[modalforge] {type(exception).__name__}: saved {self.path} at step {trainer.global_step}; {how}")

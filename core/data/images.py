@@ -43,16 +43,23 @@ def open_image(ref: ImageRef):  # noqa: ANN201 - PIL.Image.Image
         raise DataError(f"unreadable image ({type(err).__name__}: {err})", source=ref.describe()) from None
 
 
-def is_readable(ref: ImageRef) -> bool:
-    """A cheap header check (PIL ``verify``), used to skip bad images up front when asked."""
+def image_problem(ref: ImageRef) -> str | None:
+    """What is wrong with an image, by a cheap header check (PIL ``verify``), or ``None`` if it reads."""
     from PIL import Image
 
     try:
         with Image.open(ref.path if ref.path is not None else io.BytesIO(ref.data or b"")) as image:
             image.verify()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not readable"
-        return False
+        return None
+    except FileNotFoundError:
+        return "image file not found"
+    except Exception as err:  # noqa: BLE001 - any failure means "not readable"
+        return f"unreadable image ({type(err).__name__}: {err})"
+
+
+def is_readable(ref: ImageRef) -> bool:
+    """A cheap header check, used to skip bad images up front when asked."""
+    return image_problem(ref) is None
 
 
 def resolve_image_path(value: str, manifest: str) -> str:

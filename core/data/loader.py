@@ -38,6 +38,7 @@ class ResumableSampler(Sampler[int]):
         self.epoch = 0
         self.skip = 0
         self._skip_epoch: int | None = None
+        self.current: list[int] = []  # this rank's order of the running epoch
 
     def set_epoch(self, epoch: int) -> None:
         if self._skip_epoch is not None and epoch != self._skip_epoch:
@@ -50,8 +51,10 @@ class ResumableSampler(Sampler[int]):
 
     def _indices(self) -> list[int]:
         n = len(self.data_source)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if hasattr(self.data_source, "sample_order"):  # a MixedDataset: weighted, still a function of (seed, epoch)
+            order = self.data_source.sample_order(generator, shuffle=self.shuffle)
+        elif self.shuffle:
             order = torch.randperm(n, generator=generator).tolist()
         else:
             order = list(range(n))
@@ -62,6 +65,7 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         indices = self._indices()
+        self.current = indices
         skip, self.skip, self._skip_epoch = self.skip, 0, None
         return iter(indices[skip:])
 
@@ -70,13 +74,29 @@ class ResumableSampler(Sampler[int]):
         return -(-len(self.data_source) // world)
 
 
+def _check_enough(per_rank: int, batch_size: int, drop_last: bool, what: str) -> None:
+    """Too little data for one batch is an error with both numbers, never Lightning's silent "no batches"."""
+    from modalforge.data.errors import DataError
+
+    _, world = _rank_world()
+    ranks = f" per process ({world} processes)" if world > 1 else ""
+    if per_rank == 0:
+        raise DataError(f"{what} holds no examples{ranks} after reading and filtering", hint="check the data source "
+                        "and filters (too_long=drop, skip_bad...)")
+    if drop_last and per_rank < batch_size:
+        raise DataError(f"{what} yields {per_rank} example(s){ranks} (after packing or dropping), fewer than "
+                        f"data.batch_size={batch_size}, so not one full batch", hint=f"lower data.batch_size "
+                        f"(at most {per_rank}) or give more data")
+
+
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over a ``ResumableSampler`` whose position is saved in checkpoints."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  collate_fn: Callable[[list[Any]], Any] | None = None, num_workers: int = 0,
-                 drop_last: bool = False, pin_memory: bool = False, **kwargs: Any) -> None:
+                 drop_last: bool = False, pin_memory: bool = False, what: str | None = None, **kwargs: Any) -> None:
         sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
+        _check_enough(len(sampler), batch_size, drop_last, what or ("data.train" if shuffle else "data.val"))
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                          num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
                          persistent_workers=False, **kwargs)
@@ -88,6 +108,13 @@ class ResumableDataLoader(DataLoader):
         for batch in super().__iter__():
             self.batches_yielded += 1
             yield batch
+
+    def source_counts(self) -> dict[str, int] | None:
+        """Examples drawn from each source of a mixture so far this epoch (``None`` for one source)."""
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        if not hasattr(self.dataset, "count_sources"):
+            return None
+        return self.dataset.count_sources(sampler.current[: self.batches_yielded * int(self.batch_size or 1)])
 
     def state_dict(self) -> dict[str, Any]:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]

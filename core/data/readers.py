@@ -91,17 +91,38 @@ def _read_parquet(path: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for item in batch.to_pylist():
-            yield Record(item, path, f"row {row}")
-            row += 1
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        for batch in batches:
+            for item in batch.to_pylist():
+                yield Record(item, path, f"row {row}")
+                row += 1
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid / ArrowIOError name no file
+        raise DataError(f"unreadable parquet after {row} rows ({type(err).__name__}: {err})", source=path,
+                        location=f"row {row}") from None
 
 
 def _read_csv(path: str) -> Iterator[Record]:
+    # strict: an unterminated quote is an error at the line it opened, not a silently merged rest of file
     with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        for item in reader:
-            yield Record(dict(item), path, f"line {reader.line_num}")
+        reader = csv.DictReader(handle, strict=True)
+        start = 1
+        try:
+            for item in reader:
+                location = f"line {start + 1}" if reader.line_num == start + 1 else f"lines {start + 1}-{reader.line_num}"
+                if None in item:
+                    raise DataError(f"{len(reader.fieldnames or []) + len(item[None])} fields where the header has "
+                                    f"{len(reader.fieldnames or [])}", source=path, location=location)
+                missing = [k for k, v in item.items() if v is None]
+                if missing:
+                    raise DataError(f"row has no value for column(s) {missing} (header: {reader.fieldnames})",
+                                    source=path, location=location)
+                yield Record(dict(item), path, location)
+                start = reader.line_num
+        except csv.Error as err:
+            raise DataError(f"malformed CSV ({err}); a quote opened at or after line {start + 1} is never closed"
+                            if "end of data" in str(err) else f"malformed CSV ({err})",
+                            source=path, location=f"line {start + 1}") from None
 
 
 def decode_sample(sample: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,10 +20,9 @@ from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.images import resolve_image_path
 from modalforge.data.loader import ResumableDataLoader
-from modalforge.data.readers import read_records, require_fields
-from modalforge.data.splits import split_train_val
+from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.synthetic.tones import write_tones
-from modalforge.interfaces import DataModule
 
 SAMPLE_RATE = 16000
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -60,55 +59,61 @@ class ClipBatches(Dataset):
         return waves
 
 
-class Wav2Vec2DataModule(DataModule):
+class Wav2Vec2DataModule(SourcedDataModule):
     """Unlabelled audio for wav2vec 2.0 pretraining.
 
     Args:
-        train / val: folders of audio files, manifests (``audio_field``), or shards; ``None`` uses the tone demo set.
+        train / val: folders of audio files, manifests (``audio_field``), shards, or a weighted mixture of
+            sources; val may be named sets; ``None`` uses the tone demo set.
         audio_field: manifest field with the audio path.
         max_seconds: random crop length. min_seconds: shorter clips are skipped (counted, reported).
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
+    drop_last_train = False  # items are whole length-bucketed batches already
+
     def __init__(self, train: Any = None, val: Any = None, audio_field: str = "audio", max_seconds: float = 1.0,
                  min_seconds: float = 0.2, batch_size: int = 16, num_workers: int = 0, val_fraction: float = 0.05,
                  cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__()
-        self.train_spec, self.val_spec, self.audio_field = train, val, audio_field
+        super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
+                         cache_dir=cache_dir, seed=seed)
+        self.audio_field = audio_field
         self.max_samples, self.min_samples = int(max_seconds * SAMPLE_RATE), int(min_seconds * SAMPLE_RATE)
-        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
-        self.cache_dir, self.seed = cache_dir, seed
-        self.train_set: ClipBatches | None = None
-        self.val_set: ClipBatches | None = None
         self.skipped = 0
 
-    def _synthetic(self) -> Path:
-        return ensure_built(cache_root(self.cache_dir) / "synthetic" / "tones-v1", write_tones)
+    def synthetic_data(self) -> tuple[str, str]:
+        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "tones-v1", write_tones)
+        return str(folder / "train.jsonl"), str(folder / "val.jsonl")
 
-    def prepare_data(self) -> None:
-        if self.train_spec is None:
-            self._synthetic()
-
-    def _read(self, spec: Any, what: str) -> list[AudioRef]:
+    def read(self, spec: Any, what: str) -> list[AudioRef]:
         if isinstance(spec, (str, os.PathLike)) and os.path.isdir(spec) and not any(
                 Path(spec).glob("*.jsonl")):
             clips = [AudioRef(path=str(p)) for p in sorted(Path(spec).rglob("*")) if p.suffix in AUDIO_SUFFIXES]
         else:
-            clips = []
-            for record in read_records(spec, what=what):
-                if record.source.endswith(".tar"):
-                    ref = audio_from_sample(record.data, record.where())
-                    if ref is None:
-                        raise DataError("shard sample has no audio (flac/wav/ogg)", source=record.source,
-                                        location=record.location)
-                else:
-                    require_fields(record, {self.audio_field: str})
-                    ref = AudioRef(path=resolve_image_path(record.data[self.audio_field], record.source),
-                                   where=record.where())
-                clips.append(ref)
+            clips = [self.parse(record) for record in read_records(spec, what=what)]
         if not clips:
             raise DataError(f"{what}: no audio found in {spec!r}")
         return clips
+
+    def parse(self, record: Record) -> AudioRef:
+        if record.source.endswith(".tar"):
+            ref = audio_from_sample(record.data, record.where())
+            if ref is None:
+                raise DataError("shard sample has no audio (flac/wav/ogg)", source=record.source,
+                                location=record.location)
+            return ref
+        require_fields(record, {self.audio_field: str})
+        return AudioRef(path=resolve_image_path(record.data[self.audio_field], record.source), where=record.where())
+
+    def fit(self, train_items: list[AudioRef]) -> None:
+        from transformers import Wav2Vec2FeatureExtractor
+
+        self.processor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                                  do_normalize=True, return_attention_mask=True)
+
+    def build(self, items: list[AudioRef], what: str) -> ClipBatches:
+        train = what.startswith("data.train")
+        return self._batches(items, self.seed if train else self.seed + 1, crop=train)
 
     def _batches(self, clips: list[AudioRef], seed: int, crop: bool) -> ClipBatches:
         lengths = []
@@ -124,38 +129,22 @@ class Wav2Vec2DataModule(DataModule):
             raise DataError("every clip is shorter than data.min_seconds")
         return ClipBatches(kept, length_buckets(lengths, self.batch_size, seed), self.max_samples, crop)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        from transformers import Wav2Vec2FeatureExtractor
-
-        if self.train_spec is None:
-            folder = self._synthetic()
-            train, val = self._read(str(folder / "train.jsonl"), "data.train"), self._read(
-                str(folder / "val.jsonl"), "data.val")
-        else:
-            train = self._read(self.train_spec, "data.train")
-            if self.val_spec is not None:
-                val = self._read(self.val_spec, "data.val")
-            else:
-                train, val = split_train_val(train, val_fraction=self.val_fraction, seed=self.seed)
-        self.processor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
-                                                  do_normalize=True, return_attention_mask=True)
-        self.train_set = self._batches(train, self.seed, crop=True)
-        self.val_set = self._batches(val, self.seed + 1, crop=False)
-
-    def _collate(self, items: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def collate(self, items: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         waves = [w.numpy() for w in items[0]]
         out = self.processor(waves, sampling_rate=SAMPLE_RATE, padding=True, return_attention_mask=True,
                              return_tensors="pt")
         return {"input_values": out.input_values, "attention_mask": out.attention_mask}
 
+    _collate = collate
+
     def train_dataloader(self) -> ResumableDataLoader:
         self.setup()
-        return ResumableDataLoader(self.train_set, 1, shuffle=True, seed=self.seed, collate_fn=self._collate,
-                                   num_workers=self.num_workers)
+        return ResumableDataLoader(self.train_set, 1, shuffle=True, seed=self.seed, collate_fn=self.collate,
+                                   num_workers=self.num_workers, what="data.train")
 
-    def val_dataloader(self) -> ResumableDataLoader:
+    def val_dataloader(self) -> ResumableDataLoader | list[ResumableDataLoader]:
         self.setup()
-        return ResumableDataLoader(self.val_set, 1, shuffle=False, collate_fn=self._collate,
-                                   num_workers=self.num_workers)
+        loaders = [ResumableDataLoader(dataset, 1, shuffle=False, collate_fn=self.collate,
+                                       num_workers=self.num_workers, what=f"data.val ({name})")
+                   for name, dataset in self.val_sets.items()]
+        return loaders[0] if len(loaders) == 1 else loaders

@@ -15,16 +15,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from modalforge.data.audio import AudioRef, audio_from_sample, load_audio
+from modalforge.data.audio import AudioRef, audio_from_sample, audio_problem, load_audio
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.images import resolve_image_path
-from modalforge.data.loader import ResumableDataLoader
-from modalforge.data.readers import Record, read_records, require_fields
-from modalforge.data.splits import split_train_val
+from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.readers import Record, require_fields
 from modalforge.data.synthetic.tones import write_tones
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
-from modalforge.interfaces import DataModule
+from modalforge.data.verify import verify_media
 
 SAMPLE_RATE = 16000
 IGNORE = -100
@@ -71,12 +70,13 @@ class Utterances(Dataset):
         return features, ids, labels
 
 
-class WhisperASRDataModule(DataModule):
+class WhisperASRDataModule(SourcedDataModule):
     """Speech recognition data.
 
     Args:
         train / val: manifests (jsonl/csv: audio path relative to the manifest, transcript, optional
-            ``language``) or shards (flac/wav + txt); ``None`` generates the tone-digits demo set.
+            ``language``), shards (flac/wav + txt), or a weighted mixture of sources; val may be named
+            sets; ``None`` generates the tone-digits demo set.
         audio_field / text_field: manifest fields. language: default language code.
         processor: a Whisper checkpoint (hub id or folder) whose tokenizer and feature extractor to use;
             ``None`` trains a BPE on the transcripts and builds a feature extractor from the settings below.
@@ -84,39 +84,37 @@ class WhisperASRDataModule(DataModule):
         vocab_size: size of the trained BPE.
         spec_augment: mask random frequency bands and time spans of training features (torchaudio).
         max_label_length: decoder tokens; a longer transcript is an error naming file and line.
+        verify: check every clip's header before training (``null``: when the set is small enough to be
+            cheap). skip_bad: skip unreadable clips (counted and reported) instead of failing.
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
     def __init__(self, train: Any = None, val: Any = None, audio_field: str = "audio", text_field: str = "text",
                  language: str = "en", processor: str | None = None, num_mel_bins: int = 80, chunk_seconds: int = 2,
-                 vocab_size: int = 256, spec_augment: bool = False, max_label_length: int = 64, batch_size: int = 16,
-                 num_workers: int = 0, val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__()
-        self.train_spec, self.val_spec = train, val
+                 vocab_size: int = 256, spec_augment: bool = False, max_label_length: int = 64,
+                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 16, num_workers: int = 0,
+                 val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
+                         cache_dir=cache_dir, seed=seed)
         self.audio_field, self.text_field, self.language = audio_field, text_field, language
         self.processor_name, self.num_mel_bins, self.chunk_seconds = processor, num_mel_bins, chunk_seconds
         self.vocab_size, self.spec_augment, self.max_label_length = vocab_size, spec_augment, max_label_length
-        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
-        self.cache_dir, self.seed = cache_dir, seed
+        self.verify, self.skip_bad = verify, skip_bad
         self.feature_extractor = None
-        self.train_set: Utterances | None = None
-        self.val_set: Utterances | None = None
 
-    def _synthetic(self) -> Path:
-        return ensure_built(cache_root(self.cache_dir) / "synthetic" / "tones-v1", write_tones)
+    def synthetic_data(self) -> tuple[str, str]:
+        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "tones-v1", write_tones)
+        return str(folder / "train.jsonl"), str(folder / "val.jsonl")
 
-    def prepare_data(self) -> None:
-        if self.train_spec is None:
-            self._synthetic()
+    def parse(self, record: Record) -> Utterance:
+        return utterance_from_record(record, self.audio_field, self.text_field, self.language)
 
-    def _read(self, spec: Any, what: str) -> list[Utterance]:
-        items = [utterance_from_record(r, self.audio_field, self.text_field, self.language)
-                 for r in read_records(spec, what=what)]
-        if not items:
-            raise DataError(f"{what}: no utterances in {spec!r}")
-        return items
+    def read(self, spec: Any, what: str) -> list[Utterance]:
+        items = super().read(spec, what)
+        return verify_media(items, lambda u: audio_problem(u.audio), lambda u: u.audio.describe(), what=what,
+                            verify=self.verify, skip_bad=self.skip_bad, kind="audio clip")
 
-    def _build_processor(self, train: list[Utterance]) -> None:
+    def fit(self, train: list[Utterance]) -> None:
         from transformers import WhisperFeatureExtractor
 
         if self.processor_name:
@@ -128,6 +126,10 @@ class WhisperASRDataModule(DataModule):
                                     extra_special_tokens=TASK_TOKENS + languages)
         self.feature_extractor = WhisperFeatureExtractor(feature_size=self.num_mel_bins, sampling_rate=SAMPLE_RATE,
                                                          chunk_length=self.chunk_seconds)
+
+    def build(self, items: list[Utterance], what: str) -> Utterances:
+        self._check_lengths(items)
+        return Utterances(items, self, what.startswith("data.train"))
 
     def token(self, text: str) -> int:
         index = self.processor.convert_tokens_to_ids(text)
@@ -157,23 +159,6 @@ class WhisperASRDataModule(DataModule):
                 raise DataError(f"transcript of {len(ids)} tokens is longer than data.max_label_length="
                                 f"{self.max_label_length}", source=item.audio.describe())
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if self.train_spec is None:
-            folder = self._synthetic()
-            train, val = self._read(str(folder / "train.jsonl"), "data.train"), self._read(
-                str(folder / "val.jsonl"), "data.val")
-        else:
-            train = self._read(self.train_spec, "data.train")
-            if self.val_spec is not None:
-                val = self._read(self.val_spec, "data.val")
-            else:
-                train, val = split_train_val(train, val_fraction=self.val_fraction, seed=self.seed)
-        self._build_processor(train)
-        self._check_lengths(train + val)
-        self.train_set, self.val_set = Utterances(train, self, True), Utterances(val, self, False)
-
     def _collate(self, items: list[tuple[torch.Tensor, list[int], list[int]]], train: bool) -> dict[str, torch.Tensor]:
         features = torch.stack([f for f, _, _ in items])
         if train and self.spec_augment:
@@ -190,16 +175,11 @@ class WhisperASRDataModule(DataModule):
             labels[i, : len(lab)] = torch.tensor(lab)
         return {"input_features": features, "decoder_input_ids": ids, "labels": labels}
 
-    def train_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed,
-                                   collate_fn=lambda b: self._collate(b, True), num_workers=self.num_workers,
-                                   drop_last=True)
+    def collate(self, items: list[tuple[torch.Tensor, list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        return self._collate(items, True)
 
-    def val_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.val_set, self.batch_size, shuffle=False,
-                                   collate_fn=lambda b: self._collate(b, False), num_workers=self.num_workers)
+    def collate_eval(self, items: list[tuple[torch.Tensor, list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        return self._collate(items, False)
 
     def model_hints(self) -> dict[str, Any]:
         frames = self.feature_extractor.nb_max_frames

@@ -9,19 +9,17 @@ and its size reported. Nothing is padded, so every token trains.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
+from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.loader import ResumableDataLoader
 from modalforge.data.readers import Record, read_records, require_fields
-from modalforge.data.splits import split_train_val
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
-from modalforge.interfaces import DataModule
 from modalforge.plugins.text.causal_lm.streaming import PackedShardStream
 from modalforge.plugins.text.causal_lm.synthetic import write_corpus
 
@@ -53,12 +51,13 @@ def pack_blocks(token_lists: list[list[int]], block_size: int, eos_id: int | Non
     return blocks, len(stream) - num_blocks * block_size
 
 
-class CausalLMDataModule(DataModule):
+class CausalLMDataModule(SourcedDataModule):
     """Reads text, trains or loads a tokenizer, and serves packed blocks.
 
     Args:
-        train: training files/globs/dirs/shards, or ``hf:<dataset>``; ``None`` uses the synthetic corpus.
-        val: validation data; ``None`` splits ``val_fraction`` off ``train``.
+        train: training files/globs/dirs/shards, ``hf:<dataset>``, or a weighted mixture of sources;
+            ``None`` uses the synthetic corpus.
+        val: validation data (one set or named sets); ``None`` splits ``val_fraction`` off ``train``.
         val_fraction: share of training documents held out when ``val`` is not given.
         text_field: the field holding text in jsonl/parquet/csv records and shard samples.
         txt_mode: ``.txt`` files as one document per ``file`` or per ``line``.
@@ -75,43 +74,48 @@ class CausalLMDataModule(DataModule):
     """
 
     def __init__(self, train: Any = None, val: Any = None, val_fraction: float = 0.05, text_field: str = "text",
-                 txt_mode: str = "file", block_size: int = 128, batch_size: int = 8, num_workers: int = 0,
-                 tokenizer: str | None = None, vocab_size: int = 512, cache_dir: str | None = None,
-                 seed: int = 0, streaming: bool = False, shuffle_buffer: int = 1000) -> None:
-        super().__init__()
+                 txt_mode: Literal["file", "line"] = "file", block_size: int = 128, batch_size: int = 8,
+                 num_workers: int = 0, tokenizer: str | None = None, vocab_size: int = 512,
+                 cache_dir: str | None = None, seed: int = 0, streaming: bool = False,
+                 shuffle_buffer: int = 1000) -> None:
+        super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
+                         cache_dir=cache_dir, seed=seed)
         if block_size < 2:
             raise DataError(f"data.block_size={block_size}: a block needs at least 2 tokens")
-        self.train_spec, self.val_spec = train, val
-        self.val_fraction, self.text_field, self.txt_mode = val_fraction, text_field, txt_mode
-        self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
+        self.text_field, self.txt_mode = text_field, txt_mode
+        self.block_size = block_size
         self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
-        self.cache_dir, self.seed = cache_dir, seed
         self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
         if streaming and (train is None or val is None):
             raise DataError("data.streaming=true needs data.train (shards) and data.val: a stream cannot be split")
-        self.train_set: BlockDataset | PackedShardStream | None = None
-        self.val_set: BlockDataset | None = None
-        self.val_texts: list[str] = []
+        if streaming and len(self.sources) > 1:
+            raise DataError("data.streaming=true reads one stream of shards; a weighted mixture is map-style "
+                            "(drop data.streaming, or list the shards of all sources as one data.train)")
 
     # ---- reading ----------------------------------------------------------------------
-    def _synthetic_folder(self) -> Path:
-        return ensure_built(cache_root(self.cache_dir) / "synthetic" / "causal_lm-v1", write_corpus)
+    def synthetic_data(self) -> tuple[str, str]:
+        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "causal_lm-v1", write_corpus)
+        return str(folder / "train.jsonl"), str(folder / "val.jsonl")
 
-    def prepare_data(self) -> None:
-        if self.train_spec is None:
-            self._synthetic_folder()
-
-    def _texts(self, spec: Any, what: str) -> list[str]:
-        texts = []
-        for record in read_records(spec, what=what, txt_mode=self.txt_mode, text_field=self.text_field):
-            texts.append(self._text_of(record))
+    def read(self, spec: Any, what: str) -> list[str]:
+        texts = [self.parse(record) for record in read_records(spec, what=what, txt_mode=self.txt_mode,
+                                                               text_field=self.text_field)]
         if not texts:
             raise DataError(f"{what}: no documents found in {spec!r}")
         return texts
 
-    def _text_of(self, record: Record) -> str:
+    def parse(self, record: Record) -> str:
         require_fields(record, {self.text_field: str})
         return record.data[self.text_field]
+
+    def fit(self, train_items: list[str]) -> None:
+        if self.tokenizer_name:
+            self.processor = load_tokenizer(self.tokenizer_name)
+        else:
+            self.processor = cached_bpe(train_items, self.vocab_size, cache_dir=self.cache_dir)
+
+    def build(self, items: list[str], what: str) -> BlockDataset:
+        return self._blocks(items, what)
 
     # ---- setup ------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -120,33 +124,17 @@ class CausalLMDataModule(DataModule):
         if self.streaming:
             self._setup_streaming()
             return
-        if self.train_spec is None:
-            folder = self._synthetic_folder()
-            train_texts = self._texts(str(folder / "train.jsonl"), "data.train")
-            val_texts = self._texts(str(folder / "val.jsonl"), "data.val")
-        else:
-            train_texts = self._texts(self.train_spec, "data.train")
-            if self.val_spec is not None:
-                val_texts = self._texts(self.val_spec, "data.val")
-            else:
-                train_texts, val_texts = split_train_val(train_texts, val_fraction=self.val_fraction, seed=self.seed)
-        if self.tokenizer_name:
-            self.processor = load_tokenizer(self.tokenizer_name)
-        else:
-            self.processor = cached_bpe(train_texts, self.vocab_size, cache_dir=self.cache_dir)
-        self.train_set = self._blocks(train_texts, "data.train")
-        self.val_set = self._blocks(val_texts, "data.val")
-        self.val_texts = val_texts
+        super().setup(stage)
 
     def _setup_streaming(self) -> None:
-        val_texts = self._texts(self.val_spec, "data.val")
+        name, spec = next(iter(self.val_specs.items()))
+        val_texts = self.read(spec, "data.val")
         # A stream is never read whole, so a trained BPE learns from the validation documents.
-        self.processor = (load_tokenizer(self.tokenizer_name) if self.tokenizer_name
-                          else cached_bpe(val_texts, self.vocab_size, cache_dir=self.cache_dir))
-        self.train_set = PackedShardStream(self.train_spec, self.processor, self.block_size, self.text_field,
+        self.fit(val_texts)
+        self.train_set = PackedShardStream(self.sources[0].spec, self.processor, self.block_size, self.text_field,
                                            shuffle=self.shuffle_buffer, seed=self.seed)
-        self.val_set = self._blocks(val_texts, "data.val")
-        self.val_texts = val_texts
+        self.val_sets = {name: self._blocks(val_texts, "data.val")}
+        self.val_items = {name: val_texts}
 
     def _blocks(self, texts: list[str], what: str) -> BlockDataset:
         tokenizer = self.processor
@@ -166,14 +154,13 @@ class CausalLMDataModule(DataModule):
         self.setup()
         if self.streaming:
             return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers)
-        return ResumableDataLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed,
-                                   num_workers=self.num_workers, drop_last=True)
-
-    def val_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.val_set, self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return super().train_dataloader()
 
     # ---- for the objective ------------------------------------------------------------
+    @property
+    def val_texts(self) -> list[str]:
+        return self.first_val_items()
+
     def model_hints(self) -> dict[str, Any]:
         tokenizer = self.processor
         return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,

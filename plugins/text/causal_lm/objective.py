@@ -40,12 +40,14 @@ class CausalLMObjective(ModelObjective):
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         loss, tokens = self._loss(batch)
-        return StepOutput(loss=loss, num_tokens=tokens, batch_size=batch["input_ids"].shape[0])
+        rows = batch["input_ids"].shape[0]  # packed blocks without padding; every token but a row's last is a target
+        return StepOutput(loss=loss, num_tokens=tokens, batch_size=rows, num_learned_tokens=tokens - rows)
 
     def validation_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         loss, tokens = self._loss(batch)
         self.val_loss.update(loss.detach(), weight=tokens)
-        return StepOutput(loss=loss, num_tokens=tokens, batch_size=batch["input_ids"].shape[0])
+        rows = batch["input_ids"].shape[0]  # packed blocks without padding; every token but a row's last is a target
+        return StepOutput(loss=loss, num_tokens=tokens, batch_size=rows, num_learned_tokens=tokens - rows)
 
     def validation_epoch_metrics(self) -> dict[str, torch.Tensor]:
         mean = self.val_loss.compute()

@@ -33,22 +33,52 @@ def detect_format(data: dict[str, Any]) -> str | None:
     return None
 
 
-def _as_messages(value: Any, role: str) -> list[Message]:
-    return list(value) if isinstance(value, list) else [{"role": role, "content": str(value)}]
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def as_messages(value: Any, role: str, record: Record, field: str) -> list[Message]:
+    """A field that is a string or a list of messages, as messages; ``None``, empty or a number is an error.
+
+    ``str(None)`` would teach a model to answer "None"; a number where text belongs is
+    almost always a column mix-up, so neither is converted silently."""
+    if isinstance(value, list):
+        return [dict(m) if isinstance(m, dict) else m for m in value]
+    if value is None:
+        raise DataError(f"field '{field}' is null (expected a string or a list of messages)",
+                        source=record.source, location=record.location)
+    if not isinstance(value, str):
+        raise DataError(f"field '{field}' is {type(value).__name__} {value!r}, expected a string or a list of messages",
+                        source=record.source, location=record.location)
+    if not value.strip() and role == "assistant":
+        raise DataError(f"field '{field}' is empty: nothing to learn", source=record.source, location=record.location)
+    return [{"role": role, "content": value}]
+
+
+def check_messages(messages: list[Message], record: Record, *, need_assistant: bool = True,
+                   field: str = "messages") -> list[Message]:
+    """Every message a mapping with a known ``role`` and string ``content`` (or tool calls), checked where read."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise DataError(f"{field}[{i}] has no 'role' (expected {{'role': ..., 'content': ...}})",
+                            source=record.source, location=record.location)
+        if message["role"] not in ROLES:
+            raise DataError(f"{field}[{i}] has role {message['role']!r}, expected one of {', '.join(ROLES)}",
+                            source=record.source, location=record.location)
+        content = message.get("content")
+        if content is None and not message.get("tool_calls"):
+            raise DataError(f"{field}[{i}] ({message['role']}) has neither content nor tool_calls",
+                            source=record.source, location=record.location)
+        if content is not None and not isinstance(content, (str, list)):
+            raise DataError(f"{field}[{i}] ({message['role']}) content is {type(content).__name__}, expected a string",
+                            source=record.source, location=record.location)
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{field}: the conversation has no assistant message to learn from",
+                        source=record.source, location=record.location)
+    return messages
 
 
 def _check(messages: list[Message], record: Record) -> list[Message]:
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message:
-            raise DataError(f"message {i} has no 'role' (expected {{'role': ..., 'content': ...}})",
-                            source=record.source, location=record.location)
-        if message.get("content") is None and not message.get("tool_calls"):
-            raise DataError(f"message {i} ({message['role']}) has neither content nor tool_calls",
-                            source=record.source, location=record.location)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError("the conversation has no assistant message to learn from",
-                        source=record.source, location=record.location)
-    return messages
+    return check_messages(messages, record)
 
 
 def to_messages(record: Record, fmt: str | None = None) -> list[Message]:
@@ -62,8 +92,13 @@ def to_messages(record: Record, fmt: str | None = None) -> list[Message]:
         if fmt == "messages":
             messages = [dict(m) for m in data["messages"]]
         elif fmt == "prompt_completion":
-            messages = _as_messages(data["prompt"], "user") + _as_messages(data["completion"], "assistant")
+            messages = as_messages(data["prompt"], "user", record, "prompt") + as_messages(
+                data["completion"], "assistant", record, "completion")
         elif fmt == "alpaca":
+            for key in ("instruction", "output"):
+                if not isinstance(data[key], str):
+                    raise DataError(f"field '{key}' is {type(data[key]).__name__}, expected a string",
+                                    source=record.source, location=record.location)
             prompt = data["instruction"] + (f"\n\n{data['input']}" if data.get("input") else "")
             messages = ([{"role": "system", "content": data["system"]}] if data.get("system") else []) + [
                 {"role": "user", "content": prompt}, {"role": "assistant", "content": data["output"]}]

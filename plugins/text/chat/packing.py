@@ -33,6 +33,22 @@ def pack_first_fit(examples: Sequence[Tokenized], max_length: int) -> list[list[
     return rows
 
 
+def input_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding tokens of a batch from :func:`collate_rows`, padded or packed (a 0-d tensor, no sync).
+
+    Packed rows hold their examples from the start and padding (position 0) only at the end,
+    so a row's tokens run up to its last position above 0 (an example has at least 2 tokens).
+    """
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return mask.sum()
+    positions = batch.get("position_ids")
+    if positions is None:
+        return torch.tensor(batch["input_ids"].numel())
+    index = torch.arange(1, positions.shape[1] + 1, device=positions.device)
+    return (positions.ne(0) * index).amax(dim=1).sum()
+
+
 def collate_rows(rows: Sequence[Sequence[Tokenized]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
     """Pad rows of one or more examples; ``packed`` adds position ids and a block-diagonal 4-D mask."""
     length = max(sum(len(e) for e in row) for row in rows)

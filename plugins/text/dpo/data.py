@@ -7,30 +7,29 @@ and rejected are collated into one batch so the policy sees them in a single for
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
-from modalforge.data.loader import ResumableDataLoader
-from modalforge.data.readers import Record, read_records, require_fields
-from modalforge.data.splits import split_train_val
-from modalforge.interfaces import DataModule
-from modalforge.plugins.text.chat.formats import Message
+from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.readers import Record, require_fields
+from modalforge.plugins.text.chat.formats import Message, as_messages, check_messages
 from modalforge.plugins.text.chat.synthetic import write_alignment_sets
 from modalforge.plugins.text.chat.tokenize import tokenize_completion, tokenize_prompt
 from modalforge.plugins.text.chat.tokenizer import build_tokenizer
 
 
-def _messages(value: Any, role: str) -> list[Message]:
-    return [dict(m) for m in value] if isinstance(value, list) else [{"role": role, "content": str(value)}]
+def _messages(record: Record, field: str, role: str) -> list[Message]:
+    messages = as_messages(record.data[field], role, record, field)
+    return check_messages(messages, record, need_assistant=False, field=field)
 
 
 class Preferences(Dataset):
-    """Tokenised examples: dicts of token lists (+ ``index`` for precomputed reference log-probs)."""
+    """Tokenised examples: dicts of token lists, each with ``index``: its place among all examples of its
+    split (stable across a mixture's sources), which keys precomputed reference log-probs."""
 
     def __init__(self, items: list[dict[str, Any]]) -> None:
         self.items = items
@@ -39,7 +38,8 @@ class Preferences(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.items[index], "index": index}
+        item = self.items[index]
+        return {**item, "index": item.get("uid", index)}
 
 
 def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -71,11 +71,12 @@ def collate_kto(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
             "index": torch.tensor([it["index"] for it in items])}
 
 
-class DPODataModule(DataModule):
+class DPODataModule(SourcedDataModule):
     """Preference data for the dpo plugin.
 
     Args:
-        train / val: files or ``hf:`` datasets; ``None`` generates the arithmetic demo pairs.
+        train / val: sources as every plugin takes them (files, ``hf:``, a weighted mixture, named
+            validation sets); ``None`` generates the arithmetic demo pairs.
         kind: ``pairs`` (prompt/chosen/rejected) or ``kto`` (prompt/completion/label).
         chat_template: as sft's: ``auto``, ``tokenizer``, ``chatml``, ``llama3``.
         max_length: prompt + completion tokens; longer examples are an error naming file and line.
@@ -83,49 +84,50 @@ class DPODataModule(DataModule):
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
-    def __init__(self, train: Any = None, val: Any = None, kind: str = "pairs", chat_template: str = "auto",
-                 max_length: int = 256, tokenizer: str | None = None, vocab_size: int = 512, batch_size: int = 16,
-                 num_workers: int = 0, val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__()
+    def __init__(self, train: Any = None, val: Any = None, kind: Literal["pairs", "kto"] = "pairs",
+                 chat_template: str = "auto", max_length: int = 256, tokenizer: str | None = None,
+                 vocab_size: int = 512, batch_size: int = 16, num_workers: int = 0, val_fraction: float = 0.05,
+                 cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
+                         cache_dir=cache_dir, seed=seed)
         if kind not in ("pairs", "kto"):
             raise DataError(f"data.kind={kind!r} is not one of: pairs, kto")
-        self.train_spec, self.val_spec, self.kind = train, val, kind
-        self.chat_template, self.max_length = chat_template, max_length
+        self.kind, self.chat_template, self.max_length = kind, chat_template, max_length
         self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
-        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
-        self.cache_dir, self.seed = cache_dir, seed
-        self.train_set: Preferences | None = None
-        self.val_set: Preferences | None = None
-        self.val_prompts: list[list[Message]] = []
+        self._reference: dict[str, Preferences] = {}
 
-    def _synthetic(self) -> Path:
-        return ensure_built(cache_root(self.cache_dir) / "synthetic" / "alignment-v1", write_alignment_sets)
+    def synthetic_data(self) -> tuple[str, str]:
+        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "alignment-v1", write_alignment_sets)
+        prefix = "pairs" if self.kind == "pairs" else "kto"
+        return str(folder / f"{prefix}_train.jsonl"), str(folder / f"{prefix}_val.jsonl")
 
-    def prepare_data(self) -> None:
-        if self.train_spec is None:
-            self._synthetic()
-
-    def _parse(self, record: Record) -> dict[str, Any]:
+    def parse(self, record: Record) -> dict[str, Any]:
         if self.kind == "pairs":
             require_fields(record, {"prompt": (str, list), "chosen": (str, list), "rejected": (str, list)})
-            return {"prompt": _messages(record.data["prompt"], "user"),
-                    "chosen": _messages(record.data["chosen"], "assistant"),
-                    "rejected": _messages(record.data["rejected"], "assistant"), "where": record.where()}
+            return {"prompt": _messages(record, "prompt", "user"),
+                    "chosen": _messages(record, "chosen", "assistant"),
+                    "rejected": _messages(record, "rejected", "assistant"), "where": record.where()}
         require_fields(record, {"prompt": (str, list), "completion": (str, list), "label": (bool, int)})
-        return {"prompt": _messages(record.data["prompt"], "user"),
-                "completion": _messages(record.data["completion"], "assistant"),
+        return {"prompt": _messages(record, "prompt", "user"),
+                "completion": _messages(record, "completion", "assistant"),
                 "label": bool(record.data["label"]), "where": record.where()}
 
-    def _read(self, spec: Any, what: str) -> list[dict[str, Any]]:
-        rows = [self._parse(r) for r in read_records(spec, what=what)]
-        if not rows:
-            raise DataError(f"{what}: no records in {spec!r}")
-        return rows
+    def fit(self, train_items: list[dict[str, Any]]) -> None:
+        keys = ("chosen", "rejected") if self.kind == "pairs" else ("completion",)
+        conversations = [r["prompt"] + r[k] for r in train_items for k in keys]
+        self.processor = build_tokenizer(self.tokenizer_name, self.chat_template, conversations, self.vocab_size,
+                                         self.cache_dir)
+        for uid, row in enumerate(train_items):
+            row["uid"] = uid
+
+    def build(self, items: list[dict[str, Any]], what: str) -> Preferences:
+        return Preferences(self._tokenize(items))
 
     def _tokenize(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         items = []
-        for row in rows:
-            item: dict[str, Any] = {"prompt": tokenize_prompt(self.processor, row["prompt"])}
+        for position, row in enumerate(rows):
+            item: dict[str, Any] = {"prompt": tokenize_prompt(self.processor, row["prompt"]),
+                                    "uid": row.get("uid", position)}
             keys = ("chosen", "rejected") if self.kind == "pairs" else ("completion",)
             for key in keys:
                 item[key] = tokenize_completion(self.processor, row["prompt"], row[key])
@@ -137,40 +139,30 @@ class DPODataModule(DataModule):
             items.append(item)
         return items
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if self.train_spec is None:
-            folder = self._synthetic()
-            prefix = "pairs" if self.kind == "pairs" else "kto"
-            train = self._read(str(folder / f"{prefix}_train.jsonl"), "data.train")
-            val = self._read(str(folder / f"{prefix}_val.jsonl"), "data.val")
-        else:
-            train = self._read(self.train_spec, "data.train")
-            if self.val_spec is not None:
-                val = self._read(self.val_spec, "data.val")
-            else:
-                train, val = split_train_val(train, val_fraction=self.val_fraction, seed=self.seed)
-        keys = ("prompt", "chosen", "rejected") if self.kind == "pairs" else ("prompt", "completion")
-        conversations = [r["prompt"] + r[k] for r in train for k in keys[1:]]
-        self.processor = build_tokenizer(self.tokenizer_name, self.chat_template, conversations, self.vocab_size,
-                                         self.cache_dir)
-        self.train_set, self.val_set = Preferences(self._tokenize(train)), Preferences(self._tokenize(val))
-        self.val_prompts = [r["prompt"] for r in val]
+    def reference_sets(self) -> dict[str, Preferences]:
+        """Every train example (all sources, in ``index`` order) and the first validation set, for
+        reference log-probs computed once."""
+        if not self._reference:
+            train = sorted((item for dataset in self._datasets(self.train_set) for item in dataset.items),
+                           key=lambda item: item["uid"])
+            unique = list({item["uid"]: item for item in train}.values())
+            self._reference = {"train": Preferences(unique), "val": self.val_set}
+        return self._reference
 
-    def _collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _datasets(dataset: Any) -> list[Preferences]:
+        return list(getattr(dataset, "datasets", [dataset]))
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad = self.processor.pad_token_id
         return collate_pairs(items, pad) if self.kind == "pairs" else collate_kto(items, pad)
 
-    def train_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed,
-                                   collate_fn=self._collate, num_workers=self.num_workers, drop_last=True)
+    _collate = collate  # the reference pre-computation's name for it
 
-    def val_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.val_set, self.batch_size, shuffle=False, collate_fn=self._collate,
-                                   num_workers=self.num_workers, drop_last=self.kind == "kto")
+    def val_dataloader(self) -> Any:
+        if self.kind == "kto":  # KTO's KL estimate pairs each completion with the next one's prompt
+            self.drop_last_val = True
+        return super().val_dataloader()
 
     def model_hints(self) -> dict[str, Any]:
         t = self.processor
@@ -178,4 +170,4 @@ class DPODataModule(DataModule):
                 "eos_token_id": t.eos_token_id}
 
     def sample_inputs(self, n: int) -> list[list[Message]]:
-        return self.val_prompts[:n]
+        return [row["prompt"] for row in self.first_val_items()[:n]]

@@ -52,7 +52,8 @@ class RewardModelObjective(ModelObjective):
         correct = (chosen > rejected).float()
         metrics = {"rewards/chosen": chosen.detach().mean(), "rewards/rejected": rejected.detach().mean(),
                    "rewards/margin": (chosen - rejected).detach().mean(), "accuracy": correct.mean()}
-        return StepOutput(loss=loss, metrics=metrics, batch_size=len(chosen)), correct
+        return StepOutput(loss=loss, metrics=metrics, batch_size=len(chosen),
+                          num_tokens=batch["attention_mask"].sum()), correct
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         return self._step(batch)[0]

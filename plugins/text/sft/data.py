@@ -10,18 +10,15 @@ padding share with and without packing is logged either way.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
-from modalforge.data.loader import ResumableDataLoader
-from modalforge.data.readers import read_records
-from modalforge.data.splits import split_train_val
-from modalforge.interfaces import DataModule
+from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.readers import Record
 from modalforge.plugins.text.chat.formats import Message, split_prompt, to_messages
 from modalforge.plugins.text.chat.packing import collate_rows, pack_first_fit
 from modalforge.plugins.text.chat.synthetic import write_alignment_sets
@@ -54,11 +51,12 @@ def padding_share(lengths: list[int], batch_size: int) -> float:
     return 1 - real / max(padded, 1)
 
 
-class SFTDataModule(DataModule):
+class SFTDataModule(SourcedDataModule):
     """Supervised fine-tuning data.
 
     Args:
-        train / val: files, globs, shards or ``hf:`` datasets; ``None`` generates the arithmetic demo set.
+        train / val: sources as every plugin takes them (files, globs, shards, ``hf:``, a weighted
+            mixture, named validation sets); ``None`` generates the arithmetic demo set.
         format: force a record format (``prompt_completion``, ``messages``, ``alpaca``, ``sharegpt``); ``None`` detects.
         chat_template: ``auto`` (the tokenizer's own, else chatml), ``tokenizer``, ``chatml`` or ``llama3``.
         train_on: ``assistant`` (completion-only loss) or ``all``.
@@ -69,38 +67,34 @@ class SFTDataModule(DataModule):
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
-    def __init__(self, train: Any = None, val: Any = None, format: str | None = None, chat_template: str = "auto",
-                 train_on: str = "assistant", max_length: int = 256, too_long: str = "error", packing: bool = True,
-                 tokenizer: str | None = None, vocab_size: int = 512, batch_size: int = 16, num_workers: int = 0,
-                 val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__()
+    def __init__(self, train: Any = None, val: Any = None,
+                 format: Literal["prompt_completion", "messages", "alpaca", "sharegpt"] | None = None,
+                 chat_template: str = "auto", train_on: Literal["assistant", "all"] = "assistant",
+                 max_length: int = 256, too_long: Literal["error", "truncate", "drop"] = "error",
+                 packing: bool = True, tokenizer: str | None = None, vocab_size: int = 512, batch_size: int = 16,
+                 num_workers: int = 0, val_fraction: float = 0.05, cache_dir: str | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
+                         cache_dir=cache_dir, seed=seed)
         if train_on not in ("assistant", "all"):
             raise DataError(f"data.train_on={train_on!r} is not one of: assistant, all")
         if too_long not in ("error", "truncate", "drop"):
             raise DataError(f"data.too_long={too_long!r} is not one of: error, truncate, drop")
-        self.train_spec, self.val_spec, self.format = train, val, format
-        self.chat_template, self.train_on, self.max_length = chat_template, train_on, max_length
+        self.format, self.chat_template, self.train_on, self.max_length = format, chat_template, train_on, max_length
         self.too_long, self.packing = too_long, packing
         self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
-        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
-        self.cache_dir, self.seed = cache_dir, seed
-        self.train_set: Rows | None = None
-        self.val_set: Rows | None = None
-        self.val_prompts: list[list[Message]] = []
         self.stats: dict[str, float] = {}
 
-    def _synthetic(self) -> Path:
-        return ensure_built(cache_root(self.cache_dir) / "synthetic" / "alignment-v1", write_alignment_sets)
+    def synthetic_data(self) -> tuple[str, str]:
+        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "alignment-v1", write_alignment_sets)
+        return str(folder / "sft_train.jsonl"), str(folder / "sft_val.jsonl")
 
-    def prepare_data(self) -> None:
-        if self.train_spec is None:
-            self._synthetic()
+    def parse(self, record: Record) -> tuple[list[Message], str]:
+        return to_messages(record, self.format), record.where()
 
-    def _conversations(self, spec: Any, what: str) -> list[tuple[list[Message], str]]:
-        out = [(to_messages(r, self.format), r.where()) for r in read_records(spec, what=what)]
-        if not out:
-            raise DataError(f"{what}: no records in {spec!r}")
-        return out
+    def fit(self, train_items: list[tuple[list[Message], str]]) -> None:
+        self.processor = build_tokenizer(self.tokenizer_name, self.chat_template, [m for m, _ in train_items],
+                                         self.vocab_size, self.cache_dir)
 
     def _tokenize(self, conversations: list[tuple[list[Message], str]], what: str) -> list[Tokenized]:
         examples, dropped = [], []
@@ -125,48 +119,23 @@ class SFTDataModule(DataModule):
             raise DataError(f"{what}: no example left to train on")
         return examples
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if self.train_spec is None:
-            folder = self._synthetic()
-            train = self._conversations(str(folder / "sft_train.jsonl"), "data.train")
-            val = self._conversations(str(folder / "sft_val.jsonl"), "data.val")
-        else:
-            train = self._conversations(self.train_spec, "data.train")
-            if self.val_spec is not None:
-                val = self._conversations(self.val_spec, "data.val")
-            else:
-                train, val = split_train_val(train, val_fraction=self.val_fraction, seed=self.seed)
-        self.processor = build_tokenizer(self.tokenizer_name, self.chat_template, [m for m, _ in train],
-                                         self.vocab_size, self.cache_dir)
-        train_examples = self._tokenize(train, "data.train")
-        val_examples = self._tokenize(val, "data.val")
-        packed_rows = pack_first_fit(train_examples, self.max_length)
-        self.stats = {
-            "padding_share_unpacked": padding_share([len(e) for e in train_examples], self.batch_size),
-            "padding_share_packed": padding_share([sum(len(e) for e in r) for r in packed_rows], self.batch_size),
-        }
-        log.info("sft: %d examples -> %d packed rows; padding share %.1f%% packed vs %.1f%% unpacked",
-                 len(train_examples), len(packed_rows), 100 * self.stats["padding_share_packed"],
-                 100 * self.stats["padding_share_unpacked"])
-        self.train_set = Rows(packed_rows if self.packing else [[e] for e in train_examples])
-        self.val_set = Rows(pack_first_fit(val_examples, self.max_length) if self.packing
-                            else [[e] for e in val_examples])
-        self.val_prompts = [split_prompt(m)[0] for m, _ in val]
+    def build(self, items: list[tuple[list[Message], str]], what: str) -> Rows:
+        examples = self._tokenize(items, what)
+        packed = pack_first_fit(examples, self.max_length)
+        if what.startswith("data.train"):
+            self.stats = {
+                "padding_share_unpacked": padding_share([len(e) for e in examples], self.batch_size),
+                "padding_share_packed": padding_share([sum(len(e) for e in r) for r in packed], self.batch_size),
+            }
+            log.info("sft %s: %d examples -> %d packed rows; padding share %.1f%% packed vs %.1f%% unpacked", what,
+                     len(examples), len(packed), 100 * self.stats["padding_share_packed"],
+                     100 * self.stats["padding_share_unpacked"])
+        return Rows(packed if self.packing else [[e] for e in examples])
 
-    def _collate(self, rows: list[list[Tokenized]]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[list[Tokenized]]) -> dict[str, torch.Tensor]:
         return collate_rows(rows, self.processor.pad_token_id, self.packing)
 
-    def train_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed,
-                                   collate_fn=self._collate, num_workers=self.num_workers, drop_last=True)
-
-    def val_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.val_set, self.batch_size, shuffle=False, collate_fn=self._collate,
-                                   num_workers=self.num_workers)
+    _collate = collate
 
     def model_hints(self) -> dict[str, Any]:
         t = self.processor
@@ -174,4 +143,4 @@ class SFTDataModule(DataModule):
                 "eos_token_id": t.eos_token_id}
 
     def sample_inputs(self, n: int) -> list[list[Message]]:
-        return self.val_prompts[:n]
+        return [split_prompt(m)[0] for m, _ in self.first_val_items()[:n]]

@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.plugins.text.causal_lm.model import block_classes_for
 from modalforge.plugins.text.chat.generate import answer
+from modalforge.plugins.text.chat.packing import input_token_count
 from modalforge.plugins.text.chat.tokenize import IGNORE
 
 
@@ -48,8 +49,8 @@ class SFTObjective(ModelObjective):
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          position_ids=batch.get("position_ids"), use_cache=False)
         loss, accuracy, count = token_loss_and_accuracy(out.logits, batch["labels"])
-        return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=count,
-                          batch_size=batch["input_ids"].shape[0])
+        return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=input_token_count(batch),
+                          batch_size=batch["input_ids"].shape[0], num_learned_tokens=count)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         out = self._forward(batch)
@@ -59,7 +60,7 @@ class SFTObjective(ModelObjective):
 
     def validation_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         out = self._forward(batch)
-        self.val_loss.update(out.loss.detach(), weight=out.num_tokens)
+        self.val_loss.update(out.loss.detach(), weight=out.num_learned_tokens)
         return out
 
     def validation_epoch_metrics(self) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ transforms and captions through its tokenizer.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +27,68 @@ from modalforge.data.synthetic.shapes import write_shapes
 from modalforge.interfaces import DataModule
 
 CAPTION_KEYS = ("txt", "caption", "text")
+log = logging.getLogger(__name__)
 
 
 class Pair:
-    """One image reference with its caption and optional class label."""
+    """One image reference with its caption, optional class label, and where it was read."""
 
-    __slots__ = ("image", "caption", "label")
+    __slots__ = ("image", "caption", "label", "source", "location")
 
-    def __init__(self, image: ImageRef, caption: str, label: str | None) -> None:
+    def __init__(self, image: ImageRef, caption: str, label: str | None, source: str = "", location: str = "") -> None:
         self.image, self.caption, self.label = image, caption, label
+        self.source, self.location = source, location
+
+
+def _as_int(label: str) -> int | None:
+    try:
+        return int(label)
+    except ValueError:
+        return None
+
+
+def class_indices(pairs: list[Pair], classnames: list[str], *, strict: bool, label_field: str = "label") -> list[int]:
+    """Each pair's index into ``classnames`` (-1 for a pair without a label).
+
+    A label is matched by name when every label is one of ``classnames``; otherwise, when every
+    label is an integer, it is read as an index into ``classnames`` (``data.classnames=[airplane,
+    car, ...]`` for integer labels 0, 1, ...). With ``strict``, a label that matches neither way is a
+    ``DataError`` naming its record: zero-shot accuracy is never silently lost.
+    """
+    by_name = {name: i for i, name in enumerate(classnames)}
+    labels = [p.label for p in pairs if p.label is not None]
+    by_index = not all(label in by_name for label in labels) and all(_as_int(label) is not None for label in labels)
+    indices = []
+    for pair in pairs:
+        if pair.label is None:
+            indices.append(-1)
+            continue
+        index = _as_int(pair.label) if by_index else by_name.get(pair.label, -1)
+        if not 0 <= index < len(classnames):
+            if strict:
+                shown = ", ".join(repr(n) for n in classnames[:5]) + (", ..." if len(classnames) > 5 else "")
+                how = (f" and is not an index into them (0..{len(classnames) - 1})" if by_index else
+                       f"; labels are matched by name, or as indices 0..{len(classnames) - 1} when all are integers")
+                raise DataError(f"{label_field}={pair.label!r} matches no name in data.classnames "
+                                f"({len(classnames)} names: {shown}){how}",
+                                source=pair.source or None, location=pair.location or None)
+            index = -1
+        indices.append(index)
+    return indices
 
 
 class PairDataset(Dataset):
-    """``(image tensor, caption tokens, label index or -1)``."""
+    """``(image tensor, caption tokens, label index or -1)``.
 
-    def __init__(self, pairs: list[Pair], transform: Any, tokenizer: Any, classes: list[str]) -> None:
+    Args:
+        pairs / transform / tokenizer: the records and their preprocessing.
+        classes: zero-shot class names. strict: an unmatched label is an error (validation) or -1 (training).
+    """
+
+    def __init__(self, pairs: list[Pair], transform: Any, tokenizer: Any, classes: list[str], strict: bool = False,
+                 label_field: str = "label") -> None:
         self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
-        self.class_index = {name: i for i, name in enumerate(classes)}
+        self.labels = class_indices(pairs, classes, strict=strict, label_field=label_field)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -50,7 +96,7 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         pair = self.pairs[index]
         tokens = self.tokenizer([pair.caption])[0]
-        return self.transform(open_image(pair.image)), tokens, self.class_index.get(pair.label, -1)
+        return self.transform(open_image(pair.image)), tokens, self.labels[index]
 
 
 class StreamingPairs(IterableDataset):
@@ -76,11 +122,12 @@ def pair_from_record(record: Record, image_field: str, caption_field: str, label
                             f"{sorted(k for k in record.data if not k.startswith('__'))}",
                             source=record.source, location=record.location)
         label = record.data.get("cls")
-        return Pair(ref, caption, None if label is None else str(label).strip())
+        return Pair(ref, caption, None if label is None else str(label).strip(), record.source, record.location)
     require_fields(record, {image_field: str, caption_field: str})
     ref = ImageRef(path=resolve_image_path(record.data[image_field], record.source), where=record.where())
     label = record.data.get(label_field)
-    return Pair(ref, record.data[caption_field], None if label is None else str(label))
+    return Pair(ref, record.data[caption_field], None if label is None else str(label), record.source,
+                record.location)
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
@@ -97,7 +144,9 @@ class CLIPDataModule(DataModule):
         image_size: model input size. mean / std: normalisation (OpenAI CLIP's by default).
         context_length: caption tokens. tokenizer: open_clip model name whose tokenizer to use
             (``null``: open_clip's bundled BPE, ``SimpleTokenizer``).
-        classnames / templates: zero-shot classes (default: the labels of the validation set) and prompts.
+        classnames / templates: zero-shot classes and prompts (each with one ``{}`` for the class name).
+            Labels match ``classnames`` by name, or by index when they are integers; default: the labels
+            of the validation set (a warning when those are bare numbers, which make poor prompts).
         streaming / shuffle_buffer: stream training shards instead of reading them up front.
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
@@ -164,13 +213,34 @@ class CLIPDataModule(DataModule):
                 val = self._pairs(self.val_spec, "data.val")
             else:
                 train, val = split_train_val(train, val_fraction=self.val_fraction, seed=self.seed)
-        if self.classnames is None:
-            self.classnames = sorted({p.label for p in val if p.label is not None})
+        self.classnames = self._classes(val)
         if self.streaming:
             self.train_set = StreamingPairs(self.train_spec, train_tf, self.processor, self.shuffle_buffer, self.seed)
         else:
             self.train_set = PairDataset(train, train_tf, self.processor, self.classnames)
-        self.val_set = PairDataset(val, eval_tf, self.processor, self.classnames)
+        self.val_set = PairDataset(val, eval_tf, self.processor, self.classnames, strict=True,
+                                   label_field=self.fields[2])
+
+    def _classes(self, val: list[Pair]) -> list[str]:
+        """The zero-shot class names: ``data.classnames``, else the validation labels (checked either way)."""
+        labels = {p.label for p in val if p.label is not None}
+        for template in self.templates:
+            if template.count("{}") != 1:
+                raise DataError(f"data.templates: {template!r} needs exactly one '{{}}' where the class name goes")
+        if self.classnames is not None:
+            if not labels:
+                raise DataError(f"data.classnames is set but no validation record has a label "
+                                f"(data.label_field={self.fields[2]!r}; shards: a 'cls' entry), so zero-shot "
+                                f"accuracy cannot be measured; set data.label_field or data.classnames=null")
+            return self.classnames
+        numeric = bool(labels) and all(_as_int(label) is not None for label in labels)
+        if numeric:
+            log.warning("data.classnames is not set and the validation labels are bare numbers (%s): zero-shot "
+                        "prompts will read %r; set data.classnames=[name0,name1,...] (label i -> the i-th name)",
+                        ", ".join(sorted(labels, key=int)[:5]) + (", ..." if len(labels) > 5 else ""),
+                        self.templates[0].format(min(labels, key=int)))
+            return sorted(labels, key=int)
+        return sorted(labels)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -14,19 +14,18 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
-from modalforge.data.images import ImageRef, image_from_sample, is_readable, open_image, resolve_image_path
-from modalforge.data.loader import ResumableDataLoader
-from modalforge.data.readers import read_records, require_fields
-from modalforge.data.splits import split_train_val
+from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.images import ImageRef, image_from_sample, image_problem, open_image, resolve_image_path
+from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.synthetic.shapes import write_shapes
-from modalforge.interfaces import DataModule
+from modalforge.data.verify import verify_media
 from modalforge.plugins.vision.image_classification.transforms import build_batch_mixer, build_transform
 
 log = logging.getLogger(__name__)
@@ -58,46 +57,42 @@ class LabelledImages(Dataset):
         return self.transform(open_image(ref)), label
 
 
-class ImageClassificationDataModule(DataModule):
+class ImageClassificationDataModule(SourcedDataModule):
     """Reads labelled images and serves normalised tensors.
 
     Args:
-        train: image folder, manifest(s), or shards; ``None`` generates the coloured-shapes demo set.
-        val: same kinds; ``None`` holds out ``val_fraction`` of ``train``.
+        train: image folder, manifest(s), shards, or a weighted mixture of them; ``None`` generates the
+            coloured-shapes demo set.
+        val: same kinds (one set or named sets); ``None`` holds out ``val_fraction`` of ``train``.
         image_field: manifest field with the image path. label_field: manifest field with the label.
         image_size: square input size. augment: ``standard`` or ``none``.
         mean, std: normalisation (ImageNet's by default).
         mixup_alpha, cutmix_alpha: batch mixing (0 disables); labels become soft.
-        skip_bad: check images up front and skip unreadable ones (counted and reported) instead of failing.
+        skip_bad: skip unreadable images (counted and reported) instead of failing.
+        verify: check every image's header before training (``null``: when the set is small enough
+            to be cheap); a bad one stops the run naming it.
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
     def __init__(self, train: Any = None, val: Any = None, image_field: str = "image", label_field: str = "label",
-                 image_size: int = 32, augment: str = "standard", mean: tuple = (0.485, 0.456, 0.406),
-                 std: tuple = (0.229, 0.224, 0.225), mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 skip_bad: bool = False, batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1,
-                 cache_dir: str | None = None, seed: int = 0) -> None:
-        super().__init__()
-        self.train_spec, self.val_spec = train, val
+                 image_size: int = 32, augment: Literal["standard", "none"] = "standard",
+                 mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225), mixup_alpha: float = 0.0,
+                 cutmix_alpha: float = 0.0, skip_bad: bool = False, verify: bool | None = None, batch_size: int = 64,
+                 num_workers: int = 0, val_fraction: float = 0.1, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
+                         cache_dir=cache_dir, seed=seed)
         self.image_field, self.label_field = image_field, label_field
         self.image_size, self.augment, self.mean, self.std = image_size, augment, tuple(mean), tuple(std)
-        self.mixup_alpha, self.cutmix_alpha, self.skip_bad = mixup_alpha, cutmix_alpha, skip_bad
-        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
-        self.cache_dir, self.seed = cache_dir, seed
+        self.mixup_alpha, self.cutmix_alpha, self.skip_bad, self.verify = mixup_alpha, cutmix_alpha, skip_bad, verify
         self.classes: list[str] = []
         self.skipped: list[str] = []
-        self.train_set: LabelledImages | None = None
-        self.val_set: LabelledImages | None = None
 
     # ---- reading ----------------------------------------------------------------------
-    def _synthetic(self) -> Path:
-        return ensure_built(cache_root(self.cache_dir) / "synthetic" / "shapes-v1", write_shapes)
+    def synthetic_data(self) -> tuple[str, str]:
+        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "shapes-v1", write_shapes)
+        return str(folder / "train.jsonl"), str(folder / "val.jsonl")
 
-    def prepare_data(self) -> None:
-        if self.train_spec is None:
-            self._synthetic()
-
-    def _collect(self, spec: Any, what: str) -> list[tuple[ImageRef, str]]:
+    def read(self, spec: Any, what: str) -> list[tuple[ImageRef, str]]:
         items: list[tuple[ImageRef, str]] = []
         if _is_image_folder(spec):
             for class_dir in sorted(p for p in Path(spec).iterdir() if p.is_dir()):
@@ -105,65 +100,48 @@ class ImageClassificationDataModule(DataModule):
                     if file.suffix.lower() in IMAGE_SUFFIXES:
                         items.append((ImageRef(path=str(file)), class_dir.name))
         else:
-            for record in read_records(spec, what=what):
-                if record.source.endswith(".tar"):
-                    ref = image_from_sample(record.data, record.where())
-                    label = record.data.get("cls", record.data.get(self.label_field))
-                    if ref is None or label is None:
-                        raise DataError("shard sample needs an image (jpg/png/...) and a 'cls' label; keys present: "
-                                        f"{sorted(k for k in record.data if not k.startswith('__'))}",
-                                        source=record.source, location=record.location)
-                else:
-                    require_fields(record, {self.image_field: str, self.label_field: (str, int)})
-                    ref = ImageRef(path=resolve_image_path(record.data[self.image_field], record.source),
-                                   where=record.where())
-                    label = record.data[self.label_field]
-                items.append((ref, str(label).strip()))
+            items = [self.parse(record) for record in read_records(spec, what=what)]
         if not items:
             raise DataError(f"{what}: no images found in {spec!r}")
-        if self.skip_bad:
-            good, bad = [], []
-            for ref, label in items:
-                if is_readable(ref):
-                    good.append((ref, label))
-                else:
-                    bad.append(ref.describe())
-            if bad:
-                self.skipped += bad
-                log.warning("%s: skipped %d unreadable image(s) of %d (data.skip_bad=true), first: %s",
-                            what, len(bad), len(items), bad[0])
-            items = good
-        return items
+        checked = verify_media(items, lambda item: image_problem(item[0]), lambda item: item[0].describe(),
+                               what=what, verify=self.verify, skip_bad=self.skip_bad, kind="image")
+        kept = {id(item) for item in checked}
+        self.skipped += [item[0].describe() for item in items if id(item) not in kept]
+        return checked
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if self.train_spec is None:
-            folder = self._synthetic()
-            train, val = self._collect(str(folder / "train.jsonl"), "data.train"), self._collect(
-                str(folder / "val.jsonl"), "data.val")
+    def parse(self, record: Record) -> tuple[ImageRef, str]:
+        if record.source.endswith(".tar"):
+            ref = image_from_sample(record.data, record.where())
+            label = record.data.get("cls", record.data.get(self.label_field))
+            if ref is None or label is None:
+                raise DataError("shard sample needs an image (jpg/png/...) and a 'cls' label; keys present: "
+                                f"{sorted(k for k in record.data if not k.startswith('__'))}",
+                                source=record.source, location=record.location)
         else:
-            train = self._collect(self.train_spec, "data.train")
-            if self.val_spec is not None:
-                val = self._collect(self.val_spec, "data.val")
-            else:
-                train, val = split_train_val(train, val_fraction=self.val_fraction, seed=self.seed)
-        self.classes = sorted({label for _, label in train}, key=_label_key)
+            require_fields(record, {self.image_field: str, self.label_field: (str, int)})
+            ref = ImageRef(path=resolve_image_path(record.data[self.image_field], record.source),
+                           where=record.where())
+            label = record.data[self.label_field]
+        return ref, str(label).strip()
+
+    def fit(self, train_items: list[tuple[ImageRef, str]]) -> None:
+        self.classes = sorted({label for _, label in train_items}, key=_label_key)
+        self.processor = None
+
+    def build(self, items: list[tuple[ImageRef, str]], what: str) -> LabelledImages:
         index = {name: i for i, name in enumerate(self.classes)}
-        unknown = [(ref, label) for ref, label in val if label not in index]
+        unknown = [(ref, label) for ref, label in items if label not in index]
         if unknown:
             ref, label = unknown[0]
             raise DataError(f"label {label!r} does not occur in the training data (classes: {self.classes[:20]})",
                             source=ref.describe())
-        self.train_set = LabelledImages([(r, index[l]) for r, l in train],
-                                        build_transform(self.image_size, True, self.augment, self.mean, self.std))
-        self.val_set = LabelledImages([(r, index[l]) for r, l in val],
-                                      build_transform(self.image_size, False, self.augment, self.mean, self.std))
-        self.processor = None
-        log.info("image_classification: %d classes, %d train / %d val images", len(self.classes), len(train), len(val))
+        train = what.startswith("data.train")
+        log.info("image_classification %s: %d images, %d classes", what, len(items), len(self.classes))
+        return LabelledImages([(r, index[l]) for r, l in items],
+                              build_transform(self.image_size, train, self.augment, self.mean, self.std))
 
-    # ---- loaders ----------------------------------------------------------------------
-    def _collate_train(self, items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    # ---- batches ----------------------------------------------------------------------
+    def collate(self, items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
         images = torch.stack([x for x, _ in items])
         labels = torch.tensor([y for _, y in items])
         batch = {"images": images, "labels": labels}
@@ -172,19 +150,10 @@ class ImageClassificationDataModule(DataModule):
             batch["images"], batch["targets"] = mixer(images, labels)
         return batch
 
-    @staticmethod
-    def _collate_eval(items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    def collate_eval(self, items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
         return {"images": torch.stack([x for x, _ in items]), "labels": torch.tensor([y for _, y in items])}
 
-    def train_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed,
-                                   collate_fn=self._collate_train, num_workers=self.num_workers, drop_last=True)
-
-    def val_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.val_set, self.batch_size, shuffle=False, collate_fn=self._collate_eval,
-                                   num_workers=self.num_workers)
+    _collate_train, _collate_eval = collate, collate_eval
 
     # ---- for the objective ------------------------------------------------------------
     def model_hints(self) -> dict[str, Any]:
@@ -192,9 +161,10 @@ class ImageClassificationDataModule(DataModule):
 
     def sample_inputs(self, n: int) -> list[tuple[torch.Tensor, str, str]]:
         """A few validation images as (tensor, true class, file) for prediction samples."""
-        picks = range(0, len(self.val_set), max(1, len(self.val_set) // max(n, 1)))
+        val_set = self.val_set
+        picks = range(0, len(val_set), max(1, len(val_set) // max(n, 1)))
         out = []
         for i in list(picks)[:n]:
-            image, label = self.val_set[i]
-            out.append((image, self.classes[label], self.val_set.items[i][0].describe()))
+            image, label = val_set[i]
+            out.append((image, self.classes[label], val_set.items[i][0].describe()))
         return out

@@ -1,0 +1,194 @@
+"""Model builders for diffusion: diffusers denoisers built from a config, or a pretrained pipeline folder.
+
+From scratch (``model.name_or_path=null``): a ``UNet2DModel`` (unconditional, or class-conditional
+through its ``num_class_embeds``) or, for text conditioning, a ``UNet2DConditionModel`` with a
+frozen ``transformers.CLIPTextModel`` built from ``model.text_encoder``; with ``model.vae`` a
+frozen ``AutoencoderKL`` (built from its config, or ``model.vae.name_or_path`` a VAE folder)
+and the UNet works on its latents. Pretrained (``model.name_or_path=<pipeline folder or hub id>``):
+the pipeline's own UNet, VAE, text encoder, tokenizer and scheduler config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from modalforge.errors import ModalforgeError, ModelLoadError
+from modalforge.models import offline_hint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DiffusionModels:
+    """What the Objective needs: the trained denoiser and its frozen helpers.
+
+    Args:
+        denoiser: the network that predicts noise / velocity / the clean sample.
+        vae: frozen ``AutoencoderKL`` for latent diffusion, ``None`` in pixel space.
+        text_encoder: frozen text encoder for text conditioning.
+        tokenizer: the pretrained pipeline's tokenizer (``None``: the DataModule's).
+        scheduler_config: the pretrained pipeline's scheduler config (``None``: built from the objective).
+        source: the pipeline folder or hub id the models came from.
+    """
+
+    denoiser: nn.Module
+    vae: nn.Module | None = None
+    text_encoder: nn.Module | None = None
+    tokenizer: Any = None
+    scheduler_config: dict[str, Any] | None = None
+    source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _block_types(levels: list[bool], cross: bool) -> tuple[list[str], list[str]]:
+    attn_down = "CrossAttnDownBlock2D" if cross else "AttnDownBlock2D"
+    attn_up = "CrossAttnUpBlock2D" if cross else "AttnUpBlock2D"
+    down = [attn_down if a else "DownBlock2D" for a in levels]
+    up = [attn_up if a else "UpBlock2D" for a in reversed(levels)]
+    return down, up
+
+
+def vae_scale_factor(vae: nn.Module | None) -> int:
+    """How much the VAE shrinks each side (8 for Stable Diffusion's); 1 in pixel space."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_resolution(image_size: int, vae: nn.Module | None, down_levels: int) -> None:
+    """A ``ModalforgeError`` naming ``data.image_size`` if the VAE or the UNet cannot divide it."""
+    factor = vae_scale_factor(vae)
+    if image_size % factor:
+        raise ModalforgeError(f"data.image_size={image_size} is not divisible by the VAE's downsampling factor "
+                              f"{factor}; use a multiple of {factor} (e.g. {max(factor, image_size // factor * factor)})")
+    unet_factor = 2 ** max(down_levels - 1, 0)
+    latent = image_size // factor
+    if latent % unet_factor:
+        raise ModalforgeError(f"data.image_size={image_size} gives a {latent}x{latent} denoiser input that the UNet's "
+                              f"{down_levels} resolution levels cannot halve {down_levels - 1} times; use a multiple "
+                              f"of {factor * unet_factor}")
+
+
+def build_vae(vae: dict[str, Any] | None) -> nn.Module | None:
+    """``AutoencoderKL`` from ``name_or_path`` (a VAE folder, or a pipeline folder's ``vae/``) or from its config."""
+    if not vae:
+        return None
+    from diffusers import AutoencoderKL
+
+    cfg = dict(vae)
+    source = cfg.pop("name_or_path", None)
+    if source:
+        subfolder = "vae" if (Path(source) / "vae" / "config.json").exists() else None
+        try:
+            return AutoencoderKL.from_pretrained(source, subfolder=subfolder)
+        except Exception as err:  # noqa: BLE001
+            raise offline_hint(source, err, what="VAE") from err
+    settings = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [32, 64],
+                "layers_per_block": 1, "norm_num_groups": 8,
+                "down_block_types": None, "up_block_types": None, **cfg}
+    levels = len(settings["block_out_channels"])
+    settings["down_block_types"] = settings["down_block_types"] or ["DownEncoderBlock2D"] * levels
+    settings["up_block_types"] = settings["up_block_types"] or ["UpDecoderBlock2D"] * levels
+    return AutoencoderKL(**settings)
+
+
+def build_text_encoder(config: dict[str, Any] | None, vocab_size: int | None, context_length: int,
+                       tokenizer: Any = None) -> nn.Module:
+    """A small ``CLIPTextModel`` from config (random weights: it is frozen, so it acts as a fixed
+    embedding of the caption; point ``model.name_or_path`` at a pipeline for a trained one)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    settings = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                **(config or {})}
+    special = {}
+    if tokenizer is not None:
+        special = {k: getattr(tokenizer, f"{k}") for k in ("pad_token_id", "bos_token_id", "eos_token_id")
+                   if getattr(tokenizer, k, None) is not None}
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size or 49408, max_position_embeddings=context_length,
+                                        **special, **settings))
+
+
+def load_pipeline(name_or_path: str) -> Any:
+    """A diffusers pipeline from a local folder (which must hold ``model_index.json``) or a hub id."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"model.name_or_path={name_or_path!r} is not a diffusers pipeline folder: "
+                                 f"{path / 'model_index.json'} is missing (save one with pipeline.save_pretrained, "
+                                 "or use a diffusion run's final/)")
+        try:
+            return DiffusionPipeline.from_pretrained(str(path))
+        except Exception as err:  # noqa: BLE001
+            raise ModelLoadError(f"model.name_or_path={name_or_path!r}: cannot load the diffusers pipeline: "
+                                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    try:
+        return DiffusionPipeline.from_pretrained(name_or_path)
+    except Exception as err:  # noqa: BLE001
+        raise offline_hint(name_or_path, err, what="diffusers pipeline") from err
+
+
+def build_diffusion(name_or_path: str | None = None, unet: dict[str, Any] | None = None,
+                    vae: dict[str, Any] | None = None, text_encoder: dict[str, Any] | None = None,
+                    image_size: int = 32, num_classes: int = 0,
+                    conditioning: Literal["none", "class", "text"] = "none", vocab_size: int | None = None,
+                    context_length: int = 16, tokenizer: Any = None) -> DiffusionModels:
+    """The denoiser and its helpers (see the module docstring).
+
+    Args:
+        name_or_path: a diffusers pipeline folder or hub id; ``None`` builds from the configs below.
+        unet: ``UNet2DModel`` / ``UNet2DConditionModel`` arguments. ``attention`` (one bool per
+            resolution level) picks attention blocks when no ``down_block_types`` are given.
+        vae: ``AutoencoderKL`` arguments, or ``{name_or_path: <folder>}``; ``None``: pixel space.
+        text_encoder: ``CLIPTextConfig`` arguments for text conditioning.
+        image_size, num_classes, conditioning, vocab_size, context_length, tokenizer: from the data (hints).
+    """
+    if name_or_path:
+        return _from_pipeline(name_or_path, image_size, conditioning)
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    vae_model = build_vae(vae)
+    settings = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8, **(unet or {})}
+    attention = list(settings.pop("attention", [False] * (len(settings["block_out_channels"]) - 1) + [True]))
+    if len(attention) != len(settings["block_out_channels"]):
+        raise ModalforgeError(f"model.unet.attention has {len(attention)} entries; it needs one per "
+                              f"block_out_channels entry ({len(settings['block_out_channels'])})")
+    check_resolution(image_size, vae_model, len(settings["block_out_channels"]))
+    channels = vae_model.config.latent_channels if vae_model is not None else 3
+    size = image_size // vae_scale_factor(vae_model)
+    down, up = _block_types(attention, cross=conditioning == "text")
+    settings.setdefault("down_block_types", down)
+    settings.setdefault("up_block_types", up)
+    common = {"sample_size": size, "in_channels": channels, "out_channels": channels}
+    if conditioning == "text":
+        encoder = build_text_encoder(text_encoder, vocab_size, context_length, tokenizer)
+        settings.setdefault("attention_head_dim", 8)
+        denoiser = UNet2DConditionModel(**common, cross_attention_dim=encoder.config.hidden_size, **settings)
+        return DiffusionModels(denoiser, vae=vae_model, text_encoder=encoder)
+    if conditioning == "class":
+        if num_classes < 1:
+            raise ModalforgeError("objective.conditioning=class needs labelled data (data.label_field); none found")
+        settings["num_class_embeds"] = num_classes + 1  # + the null class of classifier-free guidance
+    return DiffusionModels(UNet2DModel(**common, **settings), vae=vae_model)
+
+
+def _from_pipeline(name_or_path: str, image_size: int, conditioning: str) -> DiffusionModels:
+    pipe = load_pipeline(name_or_path)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None:
+        raise ModelLoadError(f"model.name_or_path={name_or_path!r}: the pipeline {type(pipe).__name__} has no "
+                             "unet or transformer to train")
+    vae = getattr(pipe, "vae", None)
+    text_encoder = getattr(pipe, "text_encoder", None)
+    if conditioning == "text" and text_encoder is None:
+        raise ModelLoadError(f"model.name_or_path={name_or_path!r} has no text_encoder; objective.conditioning=text "
+                             "needs one (or use conditioning=none / class)")
+    levels = len(getattr(denoiser.config, "block_out_channels", []) or [1])
+    check_resolution(image_size, vae, levels)
+    return DiffusionModels(denoiser, vae=vae, text_encoder=text_encoder if conditioning == "text" else None,
+                           tokenizer=getattr(pipe, "tokenizer", None), scheduler_config=dict(pipe.scheduler.config),
+                           source=name_or_path)
