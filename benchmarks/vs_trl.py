@@ -20,9 +20,10 @@ input tokens per second (padding excluded, the same definition as `train/tokens_
 second for DPO, after the first `--warmup` steps. Prints each figure, and modalforge / TRL ratios
 (target >= 1.2 in every row, at equal loss).
 
-On CPU, TRL's packing ("bfd", padding-free rows) separates the packed sequences only with a flash-attention
-kernel: elsewhere they attend to each other. modalforge's packed rows carry a block-diagonal mask and are
-exact on every backend; the two packed rows therefore do not compute the same thing on CPU.
+Packing differs in layout: TRL's default ("bfd", padding-free) flattens a batch into one row with position
+ids; modalforge packs first-fit rows of `max_length` with a block-diagonal mask (`data.packing=true`). Both
+keep the examples apart on CPU with transformers 5 (it derives the boundaries from the position ids), and
+the tokens/s of each counts real tokens only.
 
     pip install -e ".[bench]"
     python benchmarks/vs_trl.py --steps 60 --repeats 3 [--size 10m]

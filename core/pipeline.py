@@ -364,12 +364,26 @@ def _changed_since(p: StagePlan) -> tuple[list[str], list[str]]:
 
 
 def _run_stage(p: StagePlan) -> int:
+    """Run one stage's ``train`` and wait for it, passing a SIGTERM (a preempted job) on to it.
+
+    Ctrl-C reaches the stage directly (same process group); a SIGTERM sent to the pipeline
+    alone is forwarded, so the stage writes its checkpoint and exits instead of running on orphaned.
+    """
+    import signal
+    import threading
+
     proc = subprocess.Popen([sys.executable, "-c", _TRAIN, *p.args])
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            continue  # the stage got the same Ctrl-C: let it write its checkpoint and exit
+    forward = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum)) if forward else None
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue  # the stage got the same Ctrl-C: let it write its checkpoint and exit
+    finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_pipeline(pipeline: Pipeline, pipeline_dir: str | Path, *, dry_run: bool = False,

@@ -201,6 +201,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMod
         raise
     if trainer.interrupted:
         return trainer, module, datamodule
+    export = next((c for c in trainer.callbacks if isinstance(c, ExportOnTrainEnd)), None)
+    if export is not None and not export.directory.exists():
+        # A resume that was already at max_steps ends before Lightning's on_train_end: export now,
+        # so that a finished run always has its final/.
+        export.on_train_end(trainer, module)
     if trainer.is_global_zero:
         mark_finished(output_dir, trainer.global_step)
         if os.environ.get("MODALFORGE_QUIET") is None:

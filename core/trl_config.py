@@ -166,7 +166,7 @@ def snapshot() -> dict[str, Any]:
 
 
 def _fmt(value: Any) -> str:
-    """A Hydra override value."""
+    """A Hydra override value; strings always quoted, so the printed mapping reads the same for every key."""
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -95,12 +95,33 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
 
 
 def _plain(node: Any) -> Any:
-    if isinstance(node, (DictConfig, ListConfig)):
+    """Plain data, resolved key by key: a value that cannot resolve (``???``, an interpolation only
+    a running Hydra job knows) stays as its raw text."""
+    if isinstance(node, DictConfig):
+        out: dict[str, Any] = {}
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                out[str(key)] = _plain(child)
+                continue
+            try:
+                value = node[key]
+                # an interpolation to a list or mapping (``${data.mean}``) resolves to a container
+                out[str(key)] = OmegaConf.to_container(value, resolve=True) if isinstance(
+                    value, (DictConfig, ListConfig)) else value
+            except Exception:  # noqa: BLE001 - MissingMandatoryValue, InterpolationResolutionError
+                out[str(key)] = str(child._value())
+        return out
+    if isinstance(node, ListConfig):
         try:
             return OmegaConf.to_container(node, resolve=True)
-        except Exception:  # noqa: BLE001 - an interpolation only a running Hydra job resolves
+        except Exception:  # noqa: BLE001
             return OmegaConf.to_container(node, resolve=False)
     return node
+
+
+def _unresolved(value: Any) -> bool:
+    return isinstance(value, str) and (value == "???" or value.startswith("${"))
 
 
 def resolved(cfg: DictConfig) -> dict[str, Any]:
@@ -124,8 +145,10 @@ def check_value(where: str, value: Any, hint: Any, *, default: Any = inspect.Par
     """Raise ``ConfigError`` at ``where`` if ``value`` cannot be of type ``hint``."""
     if value is None and default is None:
         return
-    if value is not None and isinstance(value, str) and value == "???":
+    if value == "???":
         raise ConfigError("is required and not set", where=where)
+    if _unresolved(value):
+        return
     if conforms(value, hint):
         return
     choices = _choices(hint)
@@ -240,10 +263,18 @@ def _check_targets(name: str, node: Any) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first wrong key, type or choice anywhere in ``cfg``."""
+    raw = OmegaConf.to_yaml(cfg, resolve=False) if any(str(k) not in ROOT_KEYS for k in cfg) else ""
     for key in cfg:
-        if str(key) not in ROOT_KEYS:
-            raise ConfigError(f"unknown top-level key '{key}'{_suggest(str(key), ROOT_KEYS)}", where=str(key))
+        # A root key of its own is a variable of an experiment (``sft_dir``) only if something uses it.
+        if str(key) not in ROOT_KEYS and "${" + str(key) not in raw:
+            raise ConfigError(f"unknown top-level key '{key}'{_suggest(str(key), ROOT_KEYS)}", where=str(key),
+                              hint="a top-level variable must be used somewhere as ${" + str(key) + "}")
     plain = resolved(cfg)
+    for key, value in plain.items():
+        if value == "???":
+            raise ConfigError("is required and not set", where=key,
+                              hint=f"set it on the command line: {key}=..." + (" (e.g. tasks=[clip,causal_lm])"
+                                                                               if key == "tasks" else ""))
     if plain.get("trainer") is not None:
         _check_trainer(plain["trainer"])
     if plain.get("optim") is not None:

@@ -62,7 +62,11 @@ def test_unreadable_image_names_the_file_or_is_skipped_and_counted(shapes, tmp_p
     rows = [json.dumps({**json.loads(l), "image": str(shapes / json.loads(l)["image"])}) for l in lines]
     rows.append(json.dumps({"image": "broken.png", "label": "circle"}))
     manifest.write_text("\n".join(rows) + "\n")
-    dm = ImageClassificationDataModule(train=str(manifest), val=str(manifest))
+    checked = ImageClassificationDataModule(train=str(manifest), val=str(manifest))
+    with pytest.raises(DataError, match=r"broken.png: unreadable image") as info:
+        checked.setup()  # the header pass (data.verify) finds it before training starts
+    assert "data.skip_bad=true" in info.value.hint
+    dm = ImageClassificationDataModule(train=str(manifest), val=str(manifest), verify=False)
     dm.setup()
     with pytest.raises(DataError, match=r"broken.png: unreadable image"):
         dm.train_set[len(dm.train_set) - 1]

@@ -122,3 +122,31 @@ def test_mixture_in_the_middle_of_a_run_resumes_to_the_same_batches(tmp_path):
     x, y = series(straight, "train/loss"), series(split, "train/loss")
     for step in (3, 4, 5):
         assert y[step] == pytest.approx(x[step], abs=1e-6), step
+
+
+def test_streamed_shards_mix_by_weight(tmp_path):
+    import webdataset as wds
+
+    for name, count in (("web", 40), ("code", 40)):
+        with wds.TarWriter(str(tmp_path / f"{name}-000.tar")) as sink:
+            for i in range(count):
+                sink.write({"__key__": f"{name}{i:03d}", "txt": f"{name} document number {i} " * 3})
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"txt": f"validation text {i} " * 3}) + "\n"
+                                                for i in range(20)))
+    cfg = compose(["plugin=causal_lm", "data.streaming=true", "data.text_field=txt", "data.block_size=8",
+                   "data.batch_size=4", "data.shuffle_buffer=0", f"data.val={tmp_path / 'val.jsonl'}",
+                   f"data.train=[{{path: '{tmp_path}/web-000.tar', weight: 3}}, {{path: '{tmp_path}/code-000.tar'}}]"])
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    tokenizer = datamodule.processor
+    words = Counter()
+    for i, batch in enumerate(datamodule.train_dataloader()):
+        for row in batch["input_ids"]:
+            text = tokenizer.decode(row)
+            words["web"] += text.count("web")
+            words["code"] += text.count("code")
+        if i == 20:
+            break
+    assert words["web"] > 1.8 * words["code"] > 0

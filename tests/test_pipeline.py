@@ -116,12 +116,14 @@ stages:
 
 
 def test_shipped_pipelines_by_name_and_dry_run(tmp_path, capsys):
-    assert {"causal_lm_sft_dpo", "clip_image_classification"} <= set(pl.shipped_pipelines())
+    assert {"causal_lm_sft_dpo", "causal_lm_sft_dpo_grpo", "clip_image_classification"} <= set(pl.shipped_pipelines())
     main(["pipeline", "causal_lm_sft_dpo", "--dry-run", "--dir", str(tmp_path / "run"), "trainer.max_steps=3"])
     out = capsys.readouterr().out
     final = (tmp_path / "run" / "pretrain" / "final").absolute()
     assert f"train plugin=sft model=sft/pretrained model.name_or_path={final}" in out
     assert out.count("trainer.max_steps=3") == 3 and "runs" in out
+    main(["pipeline", "clip_image_classification", "--dry-run", "--dir", str(tmp_path / "run")])
+    assert "model=image_classification/clip_tower model.path=" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit) as info:
         main(["pipeline", "no_such_pipeline"])
@@ -144,6 +146,32 @@ def test_a_stage_that_stops_unfinished_stops_the_pipeline(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as info:
         main(["pipeline", str(write(tmp_path, TWO_STAGES)), "--dir", str(tmp_path / "run")])
     assert info.value.code == 130 and "stages.a: stopped before finishing" in capsys.readouterr().err
+
+
+def test_sigterm_to_the_pipeline_reaches_the_running_stage(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import threading
+    import time
+
+    started, stopped = tmp_path / "started", tmp_path / "stopped"
+    monkeypatch.setattr(pl, "_TRAIN", (
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(stopped)!r}).touch(), sys.exit(143)))\n"
+        f"pathlib.Path({str(started)!r}).touch()\n"
+        "time.sleep(60)"))
+
+    def preempt() -> None:
+        deadline = time.time() + 30
+        while not started.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    with pytest.raises(SystemExit) as info:
+        main(["pipeline", str(write(tmp_path, TWO_STAGES)), "--dir", str(tmp_path / "run")])
+    assert info.value.code == 143 and stopped.exists()
+    assert "error: stages.a: train exited with code 143" in capsys.readouterr().err
 
 
 def test_status_comes_from_the_run_directory(tmp_path):
@@ -197,6 +225,14 @@ def test_causal_lm_sft_dpo_runs_skips_and_resumes(tmp_path, capsys):
     assert out.count("note: it ran with other overrides (then: trainer.max_steps=4; now: trainer.max_steps=6)") == 2
     assert json.loads((root / "dpo" / "final" / "modalforge.json").read_text())["global_step"] == 6
     assert {k: v for k, v in _mtimes(root).items() if k in kept} == kept
+
+    # -> grpo: the longer shipped pipeline continues this directory: three stages skipped, RL from dpo's final/
+    capsys.readouterr()
+    main(["pipeline", "causal_lm_sft_dpo_grpo", "--dir", str(root), *TINY, "trainer.max_steps=6"])
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 3
+    assert (root / "grpo" / "finished.json").exists() and (root / "grpo" / "final" / "model.safetensors").exists()
+    assert AutoTokenizer.from_pretrained(root / "grpo" / "final").get_vocab() == dpo
 
 
 def _tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:

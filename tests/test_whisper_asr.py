@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,7 +96,7 @@ def test_offline_default_wer_falls_and_the_run_reloads(tmp_path):
 def test_reads_webdataset_shards_with_audio_and_transcripts(dm, tmp_path):
     import webdataset as wds
 
-    folder = dm._synthetic()
+    folder = Path(dm.synthetic_data()[0]).parent
     lines = [json.loads(l) for l in (folder / "val.jsonl").read_text().splitlines()[:6]]
     with wds.TarWriter(str(tmp_path / "shard-000.tar")) as sink:
         for i, item in enumerate(lines):

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 
 class MixedDataset(Dataset):
@@ -86,3 +86,38 @@ class MixedDataset(Dataset):
     def count_sources(self, indices: Sequence[int]) -> dict[str, int]:
         counts = Counter(self.source_name(i) for i in indices)
         return {name: counts.get(name, 0) for name in self.names}
+
+
+class MixedStream(IterableDataset):
+    """Several streams (``IterableDataset``) interleaved by weight, for sources too large to index.
+
+    Each example comes from a source drawn at random in proportion to its weight (seeded per
+    dataloader worker); a source that runs out ends the epoch, as a stream has no length to
+    cycle. Like every stream here, a resumed run restarts the sources from their beginning:
+    the exact position is kept for map-style data only.
+
+    Args:
+        streams: the sources.
+        weights: positive sampling weights, one per stream.
+        names: source names (``source`` field added to each example when it is a dict).
+        seed: the draw's seed.
+    """
+
+    def __init__(self, streams: Sequence[IterableDataset], weights: Sequence[float], names: Sequence[str],
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.streams, self.names, self.seed = list(streams), list(names), seed
+        total = float(sum(weights))
+        self.shares = [w / total for w in weights]
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        generator = torch.Generator().manual_seed(self.seed * 1009 + (info.id if info is not None else 0))
+        iterators = [iter(stream) for stream in self.streams]
+        probs = torch.tensor(self.shares, dtype=torch.float64)
+        while True:
+            source = int(torch.multinomial(probs, 1, generator=generator))
+            try:
+                yield next(iterators[source])
+            except StopIteration:
+                return

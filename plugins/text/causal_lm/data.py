@@ -18,6 +18,7 @@ from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.loader import ResumableDataLoader
+from modalforge.data.mixture import MixedStream
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
 from modalforge.plugins.text.causal_lm.streaming import PackedShardStream
@@ -88,9 +89,6 @@ class CausalLMDataModule(SourcedDataModule):
         self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
         if streaming and (train is None or val is None):
             raise DataError("data.streaming=true needs data.train (shards) and data.val: a stream cannot be split")
-        if streaming and len(self.sources) > 1:
-            raise DataError("data.streaming=true reads one stream of shards; a weighted mixture is map-style "
-                            "(drop data.streaming, or list the shards of all sources as one data.train)")
 
     # ---- reading ----------------------------------------------------------------------
     def synthetic_data(self) -> tuple[str, str]:
@@ -131,8 +129,10 @@ class CausalLMDataModule(SourcedDataModule):
         val_texts = self.read(spec, "data.val")
         # A stream is never read whole, so a trained BPE learns from the validation documents.
         self.fit(val_texts)
-        self.train_set = PackedShardStream(self.sources[0].spec, self.processor, self.block_size, self.text_field,
-                                           shuffle=self.shuffle_buffer, seed=self.seed)
+        streams = [PackedShardStream(source.spec, self.processor, self.block_size, self.text_field,
+                                     shuffle=self.shuffle_buffer, seed=self.seed) for source in self.sources]
+        self.train_set = streams[0] if len(streams) == 1 else MixedStream(
+            streams, [s.weight for s in self.sources], [s.name for s in self.sources], seed=self.seed)
         self.val_sets = {name: self._blocks(val_texts, "data.val")}
         self.val_items = {name: val_texts}
 

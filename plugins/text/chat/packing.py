@@ -1,16 +1,18 @@
 """Pack short examples into full rows without cross-contamination.
 
 Examples are placed first-fit into rows of ``max_length`` tokens. Each row carries
-``position_ids`` that restart at every example and a sequence index per token; the
-collator turns that into a block-diagonal causal attention mask so no token attends
-to another example. Hand-written: transformers' packing collator
-(``DataCollatorWithFlattening``) relies on flash-attention kernels to separate
-examples, which CPUs and SDPA do not have.
+``position_ids`` that restart at every example. Two ways keep the examples apart:
+``attention="dense"`` (the default) builds a block-diagonal causal mask in the collator;
+``attention="position_ids"`` sends no mask and lets transformers (>= 5) derive the
+boundaries from the position ids, which costs no L*L tensor in the batch and reaches
+flash-attention's varlen kernels and FlexAttention's block masks. Hand-written: transformers'
+``DataCollatorWithFlattening`` flattens a batch into one row, which this module's
+first-fit rows and padding shares do not need.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -49,8 +51,21 @@ def input_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (positions.ne(0) * index).amax(dim=1).sum()
 
 
-def collate_rows(rows: Sequence[Sequence[Tokenized]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Pad rows of one or more examples; ``packed`` adds position ids and a block-diagonal 4-D mask."""
+def collate_rows(rows: Sequence[Sequence[Tokenized]], pad_id: int, packed: bool,
+                 attention: Literal["dense", "position_ids"] = "dense") -> dict[str, torch.Tensor]:
+    """Pad rows of one or more examples; ``packed`` adds position ids and the examples' separation.
+
+    Args:
+        rows: each row one example (padding) or several (packing).
+        pad_id: the padding token.
+        packed: rows hold several examples.
+        attention: how packed examples are kept apart. ``dense``: a block-diagonal causal
+            ``(B, 1, L, L)`` boolean mask (L*L bytes per row: 64 MB at 8k). ``position_ids``: no
+            mask at all; the position ids restart at each example and transformers derives the
+            sequence boundaries from them: varlen kernels for ``flash_attention_2``, its own packed
+            mask for ``sdpa`` (same loss as ``dense``) and ``eager`` (where a boolean 4-D mask is
+            not what eager attention expects and ``dense`` is wrong), a block mask for ``flex_attention``.
+    """
     length = max(sum(len(e) for e in row) for row in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
@@ -66,7 +81,9 @@ def collate_rows(rows: Sequence[Sequence[Tokenized]], pad_id: int, packed: bool)
             seq[r, start:end] = s
             start = end
     batch = {"input_ids": ids, "labels": labels}
-    if packed:
+    if packed and attention == "position_ids":
+        batch["position_ids"] = positions  # padding: position 0 each, a one-token sequence of its own
+    elif packed:
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
         same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
         mask = same & causal

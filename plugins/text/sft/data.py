@@ -63,6 +63,9 @@ class SFTDataModule(SourcedDataModule):
         max_length: tokens per example (and per packed row).
         too_long: ``error`` (default, names file and line), ``truncate`` or ``drop`` (counted and reported).
         packing: pack examples into rows of ``max_length``.
+        packing_attention: how packed examples are kept apart: ``position_ids`` (no mask: position ids
+            restart per example, so flash-attention varlen kernels, sdpa and eager all separate them)
+            or ``dense`` (a block-diagonal L x L boolean mask per row; exact with sdpa only).
         tokenizer / vocab_size: tokenizer to load, or size of the BPE trained on the data when ``None``.
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
@@ -71,7 +74,8 @@ class SFTDataModule(SourcedDataModule):
                  format: Literal["prompt_completion", "messages", "alpaca", "sharegpt"] | None = None,
                  chat_template: str = "auto", train_on: Literal["assistant", "all"] = "assistant",
                  max_length: int = 256, too_long: Literal["error", "truncate", "drop"] = "error",
-                 packing: bool = True, tokenizer: str | None = None, vocab_size: int = 512, batch_size: int = 16,
+                 packing: bool = True, packing_attention: Literal["position_ids", "dense"] = "position_ids",
+                 tokenizer: str | None = None, vocab_size: int = 512, batch_size: int = 16,
                  num_workers: int = 0, val_fraction: float = 0.05, cache_dir: str | None = None,
                  seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
@@ -81,7 +85,7 @@ class SFTDataModule(SourcedDataModule):
         if too_long not in ("error", "truncate", "drop"):
             raise DataError(f"data.too_long={too_long!r} is not one of: error, truncate, drop")
         self.format, self.chat_template, self.train_on, self.max_length = format, chat_template, train_on, max_length
-        self.too_long, self.packing = too_long, packing
+        self.too_long, self.packing, self.packing_attention = too_long, packing, packing_attention
         self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
         self.stats: dict[str, float] = {}
 
@@ -133,7 +137,7 @@ class SFTDataModule(SourcedDataModule):
         return Rows(packed if self.packing else [[e] for e in examples])
 
     def collate(self, rows: list[list[Tokenized]]) -> dict[str, torch.Tensor]:
-        return collate_rows(rows, self.processor.pad_token_id, self.packing)
+        return collate_rows(rows, self.processor.pad_token_id, self.packing, attention=self.packing_attention)
 
     _collate = collate
 

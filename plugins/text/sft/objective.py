@@ -46,7 +46,7 @@ class SFTObjective(ModelObjective):
         return block_classes_for(self.model_config)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                          position_ids=batch.get("position_ids"), use_cache=False)
         loss, accuracy, count = token_loss_and_accuracy(out.logits, batch["labels"])
         return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=input_token_count(batch),

@@ -1,0 +1,428 @@
+"""grpo objective: generate a group of completions per prompt inside the step, score, optimise.
+
+One rollout = ``data.batch_size`` prompts x ``num_generations`` completions sampled from the
+policy (``generate``: KV cache, temperature, top-p/top-k), scored by the rewards, turned into
+group-relative advantages (or RLOO's leave-one-out ones), with the old and reference
+log-probabilities it needs. The rollout is kept in a buffer and optimised for
+``steps_per_generation`` minibatches x ``num_iterations`` passes, one minibatch per training
+step, so Lightning's automatic optimisation stays; the data module yields each prompt batch
+that many times in a row. The buffer and its position are the objective's extra state, so a
+checkpoint holds them and a resumed run continues with the next minibatch; each rollout's
+sampling is seeded by (seed, rollout number), so the rollouts after a resume are the same too.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import nn
+
+from modalforge.errors import ModalforgeError
+from modalforge.interfaces import ModelObjective, StepOutput
+from modalforge.plugins.text.causal_lm.model import block_classes_for
+from modalforge.plugins.text.chat.generate import END_OF_TURN
+from modalforge.plugins.text.grpo import losses
+from modalforge.plugins.text.grpo.losses import ISLevel, LossType, ScaleRewards
+from modalforge.plugins.text.grpo.rewards import RewardModel, combine, load_rewards, score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One generation batch and what the loss needs of it (``N`` completions of ``T`` tokens at most)."""
+
+    prompt_ids: torch.Tensor          # (N, P) left-padded
+    prompt_mask: torch.Tensor         # (N, P)
+    completion_ids: torch.Tensor      # (N, T)
+    completion_mask: torch.Tensor     # (N, T) float: tokens that count in the loss
+    attention_mask: torch.Tensor      # (N, T) long: tokens up to and including the stop token
+    advantages: torch.Tensor          # (N,)
+    old_logps: torch.Tensor | None    # (N, T), None when on-policy (one step per rollout)
+    ref_logps: torch.Tensor | None    # (N, T), None when beta = 0
+    num_items: float                  # completion tokens per optimiser step (dapo/cispo/vespo normaliser)
+    values: torch.Tensor | None = None   # (N, T) value estimates at sampling time (ppo)
+    returns: torch.Tensor | None = None  # (N, T) GAE returns (ppo)
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        return Rollout(**{f.name: (v[index] if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                          for f in fields(self)})
+
+    def to(self, device: torch.device) -> "Rollout":
+        return Rollout(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                          for f in fields(self)})
+
+    def state(self) -> dict[str, Any]:
+        return {f.name: (v.detach().cpu() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                for f in fields(self)}
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+
+class GRPOObjective(ModelObjective):
+    """Group-relative policy optimisation and its variants, by TRL's names.
+
+    Args:
+        model: the ``model`` config (default: the cached SFT'd arithmetic policy; any ``build_causal_lm`` config).
+        rewards: reward specs: built-ins (``exact_match``, ``format``, ``length``, ``digits``), ``pkg.module:fn``,
+            ``path/file.py:fn``, ``reward_model:/path``; or mappings ``{reward, weight, name, **kwargs}``.
+        reward_weights: one weight per reward (TRL's name); default 1 each.
+        loss: ``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``rloo``, ``cispo``, ``sapo``, ``luspo``, ``vespo``.
+        num_generations: completions per prompt (G).
+        scale_rewards: divide advantages by the ``group``'s reward std, the ``batch``'s, or ``none`` (Dr. GRPO).
+        beta: weight of the KL penalty to the reference (0: no reference is built or run).
+        reference: ``auto`` (adapter-disabled under PEFT, else a frozen copy; none when beta=0), ``copy``,
+            ``adapter``, ``none``.
+        epsilon / epsilon_high: lower / upper clip range (``epsilon_high`` > ``epsilon``: DAPO's clip-higher;
+            for cispo the ratio cap).
+        delta: two-sided clipping: cap the ratio at ``delta`` on negative advantages too.
+        num_iterations: passes over each rollout (mu); old log-probs are kept for the ratio.
+        steps_per_generation: minibatches (optimiser steps) per pass; must divide batch x G.
+        importance_sampling_level: ``token`` or ``sequence`` (GSPO).
+        entropy_coef: entropy bonus weight.
+        mask_truncated_completions: completions without a stop token do not count in the loss.
+        dynamic_sampling: drop groups whose rewards are all equal (DAPO); the share dropped is logged.
+        max_completion_length / temperature / top_p / top_k: sampling (``top_k=0``: off).
+        generation_batch_size: completions per ``generate`` call (memory); a multiple of num_generations.
+        sapo_temperature_pos / sapo_temperature_neg: SAPO's soft-gate temperatures.
+        vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg: VESPO's gamma weights.
+        seed: seeds each rollout's sampling with (seed, rollout number).
+    """
+
+    #: a group-relative baseline needs two completions per prompt; PPO's critic needs one
+    min_generations = 2
+
+    def __init__(self, model: Mapping[str, Any] | None = None, rewards: list[Any] | None = None,
+                 reward_weights: list[float] | None = None, loss: LossType = "grpo", num_generations: int = 8,
+                 scale_rewards: ScaleRewards = "group", beta: float = 0.04,
+                 reference: Literal["auto", "copy", "adapter", "none"] = "auto", epsilon: float = 0.2,
+                 epsilon_high: float | None = None, delta: float | None = None, num_iterations: int = 1,
+                 steps_per_generation: int = 1, importance_sampling_level: ISLevel = "token",
+                 entropy_coef: float = 0.0, mask_truncated_completions: bool = False, dynamic_sampling: bool = False,
+                 max_completion_length: int = 8, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 generation_batch_size: int | None = None, sapo_temperature_pos: float = 1.0,
+                 sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, seed: int = 0) -> None:
+        super().__init__(model)
+        choices = LossType.__args__  # type: ignore[attr-defined]
+        if loss not in choices:
+            raise ModalforgeError(f"objective.loss={loss!r} is not one of: {', '.join(choices)}")
+        if scale_rewards not in ("group", "batch", "none"):
+            raise ModalforgeError(f"objective.scale_rewards={scale_rewards!r} is not one of: group, batch, none")
+        if importance_sampling_level not in ("token", "sequence"):
+            raise ModalforgeError(f"objective.importance_sampling_level={importance_sampling_level!r} is not one of: "
+                                  "token, sequence")
+        if reference not in ("auto", "copy", "adapter", "none"):
+            raise ModalforgeError(f"objective.reference={reference!r} is not one of: auto, copy, adapter, none")
+        if num_generations < self.min_generations:
+            raise ModalforgeError(f"objective.num_generations={num_generations}: a group needs at least 2 completions")
+        if reference == "none" and beta != 0:
+            raise ModalforgeError(f"objective.reference=none needs objective.beta=0 (got {beta}): the KL penalty "
+                                  "needs a reference")
+        if generation_batch_size is not None and generation_batch_size % num_generations:
+            raise ModalforgeError(f"objective.generation_batch_size={generation_batch_size} is not a multiple of "
+                                  f"objective.num_generations={num_generations}: a group is generated in one call")
+        if min(num_iterations, steps_per_generation, max_completion_length) < 1:
+            raise ModalforgeError("objective.num_iterations, steps_per_generation and max_completion_length must be >= 1")
+        self.loss_type, self.num_generations, self.scale_rewards = loss, num_generations, scale_rewards
+        self.beta, self.reference_mode = beta, reference
+        self.epsilon_low, self.epsilon_high = epsilon, epsilon_high if epsilon_high is not None else epsilon
+        self.delta, self.num_iterations, self.steps_per_generation = delta, num_iterations, steps_per_generation
+        self.level, self.entropy_coef = importance_sampling_level, entropy_coef
+        self.mask_truncated, self.dynamic_sampling = mask_truncated_completions, dynamic_sampling
+        self.max_completion_length, self.temperature, self.top_p, self.top_k = max_completion_length, temperature, \
+            top_p, top_k
+        self.generation_batch_size = generation_batch_size
+        self.sapo = (sapo_temperature_pos, sapo_temperature_neg)
+        self.vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        self.seed = seed
+        self.rewards = load_rewards(rewards or ["exact_match"], reward_weights)
+        self.reward_models = nn.ModuleList([r.fn for r in self.rewards if isinstance(r.fn, nn.Module)])
+        self.reference: nn.Module | None = None
+        self._reference_ready = False
+        # the buffer: the rollout being optimised, which step of it comes next, how many rollouts so far
+        self._rollout: Rollout | None = None
+        self._rollout_metrics: dict[str, float] = {}
+        self._position = 0
+        self._rollouts = 0
+        self._update_started: float | None = None
+        self._last_update_time: float | None = None
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.num_iterations * self.steps_per_generation
+
+    # ---- building -----------------------------------------------------------------
+    def connect(self, datamodule: Any) -> None:
+        super().connect(datamodule)
+        completions = datamodule.batch_size * self.num_generations
+        if completions % self.steps_per_generation:
+            raise ModalforgeError(
+                f"objective.steps_per_generation={self.steps_per_generation} does not divide a rollout of "
+                f"data.batch_size={datamodule.batch_size} prompts x objective.num_generations={self.num_generations} "
+                f"= {completions} completions")
+        datamodule.repeat = self.steps_per_rollout  # each prompt batch serves every step of its rollout
+        for reward in self.reward_models:
+            if isinstance(reward, RewardModel):
+                reward.check_tokenizer(datamodule.processor)
+
+    def set_adapter_target(self, module: nn.Module) -> None:
+        self.model = module
+        if self._reference_ready:  # export puts back the merged model: the reference is settled already
+            return
+        self._reference_ready = True
+        self._check_context(module)
+        if self.reference_mode == "auto":
+            self.reference_mode = "none" if self.beta == 0 else (
+                "adapter" if hasattr(module, "disable_adapter") else "copy")
+        if self.reference_mode == "adapter" and not hasattr(module, "disable_adapter"):
+            raise ModalforgeError("objective.reference=adapter needs a PEFT adapter (adapter=lora|qlora|dora|ia3)")
+        if self.reference_mode == "copy" and self.reference is None:
+            self.reference = copy.deepcopy(module)  # the initial policy, before any step
+
+    def _check_context(self, module: nn.Module) -> None:
+        context = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+        prompt = getattr(self.datamodule, "max_prompt_length", 0) if self.datamodule is not None else 0
+        if context and prompt + self.max_completion_length > context:
+            raise ModalforgeError(f"data.max_prompt_length={prompt} + objective.max_completion_length="
+                                  f"{self.max_completion_length} exceeds the model's context of {context} tokens")
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return ([self.reference] if self.reference is not None else []) + list(self.reward_models)
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        return block_classes_for(self.model_config)
+
+    # ---- log-probabilities ----------------------------------------------------------
+    def _logps(self, model: nn.Module, r: Rollout, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs (at the sampling temperature) of the completion tokens, and their entropies."""
+        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+        mask = torch.cat([r.prompt_mask, r.attention_mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        length = r.completion_ids.shape[1]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                       logits_to_keep=length + 1).logits[:, -length - 1:-1].float() / self.temperature
+        log_probs = torch.log_softmax(logits, -1)
+        logps = log_probs.gather(-1, r.completion_ids[..., None]).squeeze(-1)
+        ent = -(log_probs.exp() * log_probs).sum(-1) if entropy else None
+        return logps, ent
+
+    @torch.no_grad()
+    def _frozen_logps(self, r: Rollout, reference: bool) -> torch.Tensor:
+        chunk = self.generation_batch_size or len(r)
+        parts = []
+        for index in torch.arange(len(r), device=r.completion_ids.device).split(chunk):
+            part = r.select(index)
+            if not reference:
+                parts.append(self._logps(self.model, part)[0])
+            elif self.reference_mode == "copy":
+                parts.append(self._logps(self.reference, part)[0])
+            else:
+                with self.model.disable_adapter():
+                    parts.append(self._logps(self.model, part)[0])
+        return torch.cat(parts)
+
+    # ---- generation -----------------------------------------------------------------
+    def _stop_ids(self) -> list[int]:
+        tokenizer = self.datamodule.processor
+        vocab = tokenizer.get_vocab()
+        return [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+
+    @torch.no_grad()
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int,
+                  greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(completion ids, their attention mask up to the stop token, truncated flags, prompt ids) for each
+        prompt repeated ``copies`` times (consecutively: one group per prompt)."""
+        tokenizer, stop = self.datamodule.processor, self._stop_ids()
+        was_training = self.model.training
+        self.model.eval()
+        per_call = max(1, (self.generation_batch_size or len(input_ids) * copies) // copies)
+        outs = []
+        try:
+            for start in range(0, len(input_ids), per_call):
+                ids, mask = input_ids[start:start + per_call], attention_mask[start:start + per_call]
+                sampling = {"do_sample": False} if greedy else {
+                    "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_completion_length,
+                                          num_return_sequences=copies, pad_token_id=tokenizer.pad_token_id,
+                                          eos_token_id=stop, use_cache=True, **sampling)
+                outs.append(out[:, ids.shape[1]:])
+        finally:
+            self.model.train(was_training)
+        width = max(o.shape[1] for o in outs)
+        completion = torch.cat([nn.functional.pad(o, (0, width - o.shape[1]), value=tokenizer.pad_token_id)
+                                for o in outs])
+        is_stop = torch.isin(completion, torch.tensor(stop, device=completion.device))
+        has_stop = is_stop.any(1)
+        first = torch.where(has_stop, is_stop.int().argmax(1), torch.full_like(has_stop, width, dtype=torch.long))
+        attention = (torch.arange(width, device=completion.device)[None] <= first[:, None]).long()
+        return completion, attention, ~has_stop, input_ids.repeat_interleave(copies, 0)
+
+    def _score(self, batch: dict[str, Any], completion: torch.Tensor, attention: torch.Tensor,
+               copies: int) -> tuple[torch.Tensor, list[str]]:
+        tokenizer = self.datamodule.processor
+        ids = [row[m.bool()].tolist() for row, m in zip(completion, attention)]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        index = [i // copies for i in range(len(texts))]
+        names = sorted({k for f in batch["fields"] for k in f})
+        columns = {k: [batch["fields"][i].get(k) for i in index] for k in names}
+        columns["completion_ids"] = ids
+        per_reward = score(self.rewards, [batch["prompts"][i] for i in index], texts, columns,
+                           [batch["where"][i] for i in index])
+        return per_reward, texts
+
+    def _advantages(self, total: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+        g = self.num_generations
+        nan = torch.isnan(total)
+        if nan.any():  # unscorable completions: the group's mean in the baseline, no advantage of their own
+            fill = torch.nanmean(total.view(-1, g), 1).nan_to_num(0.0).repeat_interleave(g)
+            total = torch.where(nan, fill, total)
+        if self.loss_type == "rloo":
+            advantages = losses.rloo_advantages(total - self.beta * kl if kl is not None else total, g)
+        else:
+            advantages = losses.group_advantages(total, g, self.scale_rewards)[0]
+        return advantages.masked_fill(nan, 0.0)
+
+    def _sample(self, batch: dict[str, Any]) -> tuple[Rollout, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Generate and score a rollout: (rollout without advantages, total rewards, truncated flags, metrics)."""
+        start = time.perf_counter()
+        device = batch["input_ids"].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed * 1_000_003 + self._rollouts)
+            completion, attention, truncated, prompt_ids = self._generate(
+                batch["input_ids"], batch["attention_mask"], self.num_generations, greedy=False)
+        generated = time.perf_counter()
+        per_reward, _ = self._score(batch, completion, attention, self.num_generations)
+        total = combine(per_reward, self.rewards)
+        loss_mask = attention.float()
+        if self.mask_truncated:
+            loss_mask = loss_mask * (~truncated).float()[:, None]
+        rollout = Rollout(prompt_ids, batch["attention_mask"].repeat_interleave(self.num_generations, 0), completion,
+                          loss_mask, attention, torch.zeros(len(completion), device=device), None, None, 0.0)
+        lengths = attention.sum(1).float()
+        metrics = {"reward": float(total.nanmean()), "reward_std": float(_nanstd(total)),
+                   "completions/mean_length": float(lengths.mean()), "completions/max_length": float(lengths.max()),
+                   "completions/clipped_ratio": float(truncated.float().mean()),
+                   "time/generation": generated - start, "time/scoring": time.perf_counter() - generated}
+        for k, reward in enumerate(self.rewards):
+            metrics[f"rewards/{reward.name}/mean"] = float(per_reward[:, k].nanmean())
+            metrics[f"rewards/{reward.name}/std"] = float(_nanstd(per_reward[:, k]))
+        return rollout, total, truncated, metrics
+
+    def _new_rollout(self, batch: dict[str, Any]) -> Rollout:
+        device = batch["input_ids"].device
+        rollout, total, _, metrics = self._sample(batch)  # metrics of the whole rollout, before dynamic sampling
+        attention = rollout.attention_mask
+        grouped = total.view(-1, self.num_generations)
+        flat = (grouped.nan_to_num(0) == grouped.nan_to_num(0)[:, :1]).all(1)
+        metrics["frac_reward_zero_std"] = float(flat.float().mean())
+        if self.beta != 0:
+            rollout.ref_logps = self._frozen_logps(rollout, reference=True)
+        needs_old = self.steps_per_rollout > 1 or (self.loss_type == "rloo" and self.beta != 0)
+        if needs_old:
+            rollout.old_logps = self._frozen_logps(rollout, reference=False)
+        kl = None
+        if self.loss_type == "rloo" and self.beta != 0:  # RLOO: k1 KL of the sequence, as a reward penalty
+            kl = ((rollout.old_logps - rollout.ref_logps) * attention).sum(1).cpu()
+        rollout.advantages = self._advantages(total, kl).to(device)
+        metrics["advantages/mean"] = float(rollout.advantages.mean())
+        metrics["advantages/std"] = float(rollout.advantages.std())
+        metrics["advantages/abs_mean"] = float(rollout.advantages.abs().mean())
+        if self.dynamic_sampling:
+            dropped = flat.float().mean()
+            metrics["dynamic_sampling/dropped_groups"] = float(dropped)
+            if 0 < dropped < 1:
+                keep = (~flat).repeat_interleave(self.num_generations).to(device)
+                rollout = rollout.select(keep.nonzero().squeeze(1))
+        rollout.num_items = float(rollout.completion_mask.sum()) / self.steps_per_generation
+        if self.steps_per_rollout == 1:
+            rollout.old_logps = None  # on-policy: the ratio is 1, computed from the current forward
+        self._rollout_metrics = metrics
+        return rollout
+
+    # ---- steps --------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any]) -> StepOutput:
+        metrics: dict[str, Any] = {}
+        if self._rollout is None or self._position >= self.steps_per_rollout:
+            self._rollout = self._new_rollout(batch)
+            self._position = 0
+            self._rollouts += 1
+        else:
+            self._rollout = self._rollout.to(batch["input_ids"].device)
+        metrics.update(self._rollout_metrics)
+        if self._last_update_time is not None:
+            metrics["time/update"] = self._last_update_time
+        self._update_started = time.perf_counter()
+        k = self._position % self.steps_per_generation
+        parts = torch.arange(len(self._rollout), device=self._rollout.completion_ids.device).tensor_split(
+            self.steps_per_generation)
+        part = self._rollout.select(parts[k] if len(parts[k]) else parts[0])
+        loss, stats = self._loss(part)
+        metrics.update(stats)
+        metrics["rollout/step"] = float(self._position)
+        self._position += 1
+        return StepOutput(loss=loss, metrics=metrics, num_tokens=int(part.completion_mask.sum()),
+                          batch_size=len(part))
+
+    def _loss(self, part: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one minibatch of the rollout, and its statistics."""
+        logps, entropies = self._logps(self.model, part, entropy=True)
+        return losses.grpo_loss(
+            self.loss_type, logps, part.old_logps, part.advantages, part.completion_mask, ref_logps=part.ref_logps,
+            beta=self.beta, entropies=entropies, entropy_coef=self.entropy_coef, epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high, delta=self.delta, level=self.level,
+            max_completion_length=self.max_completion_length, num_items=self._rollout.num_items,
+            sapo_temperature_pos=self.sapo[0], sapo_temperature_neg=self.sapo[1], vespo=self.vespo)
+
+    def after_optimizer_step(self) -> None:
+        if self._update_started is not None:
+            self._last_update_time = time.perf_counter() - self._update_started
+
+    @torch.no_grad()
+    def _greedy(self, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+        completion, attention, _, _ = self._generate(batch["input_ids"], batch["attention_mask"], 1, greedy=True)
+        return self._score(batch, completion, attention, 1)
+
+    def validation_step(self, batch: dict[str, Any]) -> StepOutput:
+        per_reward, _ = self._greedy(batch)
+        total = combine(per_reward, self.rewards)
+        metrics: dict[str, Any] = {"reward": total.nanmean()}
+        for k, reward in enumerate(self.rewards):
+            metrics[f"reward/{reward.name}"] = per_reward[:, k].nanmean()
+        return StepOutput(loss=None, metrics=metrics, batch_size=len(total))
+
+    def sample(self, inputs: list[dict[str, Any]]) -> list[str]:
+        from modalforge.plugins.text.grpo.data import collate_prompts
+
+        device = next(self.model.parameters()).device
+        batch = collate_prompts(inputs, self.datamodule.processor.pad_token_id)
+        batch["input_ids"], batch["attention_mask"] = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        per_reward, texts = self._greedy(batch)
+        out = []
+        for i, text in enumerate(texts):
+            scores = ", ".join(f"{r.name}={per_reward[i, k]:.3g}" for k, r in enumerate(self.rewards))
+            out.append(f"{inputs[i]['messages'][-1]['content']} -> {text!r} [{scores}]")
+        return out
+
+    # ---- checkpointed buffer ------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"rollout": self._rollout.state() if self._rollout is not None else None, "position": self._position,
+                "rollouts": self._rollouts, "rollout_metrics": dict(self._rollout_metrics),
+                "reference_mode": self.reference_mode}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        rollout = state.get("rollout")
+        self._rollout = Rollout(**rollout) if rollout is not None else None
+        self._position, self._rollouts = int(state.get("position", 0)), int(state.get("rollouts", 0))
+        self._rollout_metrics = dict(state.get("rollout_metrics") or {})
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    x = x[~torch.isnan(x)]
+    return x.std() if x.numel() > 1 else torch.zeros(())

@@ -1,0 +1,129 @@
+"""The offline default policy: a tiny Llama taught the arithmetic task by a short SFT, built once and cached.
+
+RL can only improve what a policy already does sometimes: a random tiny model never
+answers "What is 3 plus 4?" with "7", so every reward would be 0 and every advantage too.
+This builder trains one (a plain supervised loop on the demo conversations, answer tokens
+only) until it answers a fair share right, saves it with its tokenizer under the modalforge
+cache (``grpo/arithmetic-policy-<settings hash>``) and loads it from there on later runs.
+A plain loop rather than ``train plugin=sft``: it runs inside another run's model building,
+without a second Trainer, loggers or run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modalforge.data.cache import cache_root, ensure_built
+from modalforge.plugins.text.chat.tokenize import IGNORE, tokenize_conversation
+
+log = logging.getLogger(__name__)
+
+
+def _batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, rng: random.Random):
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [examples[i] for i in order[start:start + batch_size]]
+            length = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+            labels = torch.full((len(chunk), length), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(chunk), length), dtype=torch.long)
+            for r, (x, y) in enumerate(chunk):
+                ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+            yield ids, mask, labels
+
+
+def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int, lr: float, batch_size: int,
+                            vocab_size: int, cache_dir: str | None, seed: int) -> None:
+    """SFT a tiny model on the demo conversations and ``save_pretrained`` it (and its tokenizer) to ``folder``."""
+    from modalforge.plugins.text.causal_lm.model import build_causal_lm
+    from modalforge.plugins.text.grpo.data import arithmetic_conversations, arithmetic_tokenizer
+
+    start = time.perf_counter()
+    tokenizer = arithmetic_tokenizer(cache_dir, vocab_size)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_causal_lm(config=dict(config), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        examples = []
+        for messages in arithmetic_conversations(cache_dir):
+            tok = tokenize_conversation(tokenizer, messages)
+            examples.append((tok.input_ids, tok.labels))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
+        batches = _batches(examples, batch_size, tokenizer.pad_token_id, random.Random(seed))
+        model.train()
+        for step in range(steps):
+            ids, mask, labels = next(batches)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    seconds = time.perf_counter() - start
+    (folder / "warmstart.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss), "seconds": seconds}))
+    log.warning("grpo: built the arithmetic policy by SFT in %.0f s (%d steps, final loss %.3f); cached in %s",
+                seconds, steps, float(loss), folder.parent)
+
+
+@contextlib.contextmanager
+def _plain_torch():
+    """Leave the torch-function modes Lightning's ``configure_model`` runs under (device context, empty init).
+
+    Every op of the warm-start loop would otherwise pass through them in Python, several times slower for a
+    tiny model; the loop runs on the CPU, like data preparation, whatever device the run uses.
+    """
+    from torch._C import _len_torch_function_stack
+    from torch.overrides import _pop_mode_temporarily
+
+    with contextlib.ExitStack() as stack:
+        while _len_torch_function_stack() > 0:
+            stack.enter_context(_pop_mode_temporarily())
+        yield
+
+
+def arithmetic_policy_dir(config: dict[str, Any], steps: int = 300, lr: float = 3e-3, batch_size: int = 64,
+                          vocab_size: int = 512, cache_dir: str | None = None, seed: int = 0) -> Path:
+    """The cached folder of the SFT'd arithmetic policy (model + tokenizer), built on first use."""
+    settings = json.dumps({"config": config, "steps": steps, "lr": lr, "batch_size": batch_size,
+                           "vocab_size": vocab_size, "seed": seed, "v": 1}, sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    folder = cache_root(cache_dir) / "grpo" / f"arithmetic-policy-{digest}"
+    if folder.exists():
+        return folder
+    with _plain_torch():
+        return ensure_built(folder, lambda tmp: train_arithmetic_policy(
+            tmp, config=config, steps=steps, lr=lr, batch_size=batch_size, vocab_size=vocab_size,
+            cache_dir=cache_dir, seed=seed))
+
+
+def build_arithmetic_policy(config: dict[str, Any], sft_steps: int = 300, sft_lr: float = 3e-3,
+                            sft_batch_size: int = 64, vocab_size: int = 512, cache_dir: str | None = None,
+                            seed: int = 0):  # noqa: ANN201 - a transformers model
+    """Model builder (``model._target_``) of the offline default: the cached SFT'd arithmetic policy.
+
+    Args:
+        config: the tiny model's ``transformers`` config (``model_type`` and sizes).
+        sft_steps / sft_lr / sft_batch_size: the supervised warm start (changing them builds another policy).
+        vocab_size: size of its BPE tokenizer (must match ``data.vocab_size``).
+        cache_dir: the modalforge cache.
+        seed: initialisation and data order of the warm start.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = arithmetic_policy_dir(dict(config), sft_steps, sft_lr, sft_batch_size, vocab_size, cache_dir, seed)
+    return AutoModelForCausalLM.from_pretrained(str(folder))
