@@ -85,7 +85,8 @@ def test_every_builtin_map_style_datamodule_is_sourced():
     """Mixtures and named validation sets work for a plugin by inheriting the core shape."""
     from hydra.utils import get_object
 
-    for name in ("causal_lm", "sft", "dpo", "reward_model", "image_classification", "whisper_asr", "wav2vec2"):
+    for name in ("causal_lm", "sft", "dpo", "reward_model", "image_classification", "whisper_asr", "wav2vec2",
+                 "diffusion", "grpo", "ppo", "clip", "vlm"):
         cls = get_object(str(compose([f"plugin={name}"]).data._target_))
         assert issubclass(cls, SourcedDataModule), name
 

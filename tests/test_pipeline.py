@@ -116,7 +116,8 @@ stages:
 
 
 def test_shipped_pipelines_by_name_and_dry_run(tmp_path, capsys):
-    assert {"causal_lm_sft_dpo", "causal_lm_sft_dpo_grpo", "clip_image_classification"} <= set(pl.shipped_pipelines())
+    assert {"causal_lm_sft_dpo", "causal_lm_sft_dpo_grpo", "clip_image_classification",
+            "clip_causal_lm_vlm"} <= set(pl.shipped_pipelines())
     main(["pipeline", "causal_lm_sft_dpo", "--dry-run", "--dir", str(tmp_path / "run"), "trainer.max_steps=3"])
     out = capsys.readouterr().out
     final = (tmp_path / "run" / "pretrain" / "final").absolute()
@@ -124,6 +125,11 @@ def test_shipped_pipelines_by_name_and_dry_run(tmp_path, capsys):
     assert out.count("trainer.max_steps=3") == 3 and "runs" in out
     main(["pipeline", "clip_image_classification", "--dry-run", "--dir", str(tmp_path / "run")])
     assert "model=image_classification/clip_tower model.path=" in capsys.readouterr().out
+    main(["pipeline", "clip_causal_lm_vlm", "--dry-run", "--dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    clip, pretrain = (tmp_path / "run" / "clip" / "final").absolute(), (tmp_path / "run" / "pretrain" / "final").absolute()
+    assert f"model.vision_tower={clip} model.language_model={pretrain}" in out
+    assert f"model.name_or_path={(tmp_path / 'run' / 'vlm_stage1' / 'final').absolute()}" in out
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit) as info:
         main(["pipeline", "no_such_pipeline"])

@@ -21,8 +21,7 @@ from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.loader import ResumableDataLoader, ResumableSampler
 from modalforge.data.readers import Record, read_records
-from modalforge.data.splits import split_train_val
-from modalforge.interfaces import DataModule
+from modalforge.data.datamodule import SourcedDataModule
 from modalforge.plugins.text.chat.formats import Message
 from modalforge.plugins.text.chat.synthetic import question
 from modalforge.plugins.text.chat.tokenize import tokenize_prompt
@@ -115,12 +114,13 @@ def collate_prompts(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
             "where": [it["where"] for it in items]}
 
 
-class GRPODataModule(DataModule):
+class GRPODataModule(SourcedDataModule):
     """Prompts for the grpo plugin.
 
     Args:
         train / val: files or ``hf:`` datasets with a ``prompt`` field (a string or a messages list) and any
-            fields the rewards read; ``None`` uses the arithmetic demo prompts (with ``answer``).
+            fields the rewards read, or a weighted mixture of sources (val: one or named sets); ``None`` uses
+            the arithmetic demo prompts (with ``answer``).
         prompt_field: the field holding the prompt.
         chat_template: as sft's: ``auto``, ``tokenizer``, ``chatml``, ``llama3``.
         max_prompt_length: tokens; a longer prompt is an error naming its file and line.
@@ -131,27 +131,26 @@ class GRPODataModule(DataModule):
         num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
+    split_options = {"max_val": 256}
+
     def __init__(self, train: Any = None, val: Any = None, prompt_field: str = "prompt",
                  chat_template: Literal["auto", "tokenizer", "chatml", "llama3"] = "auto",
                  max_prompt_length: int = 256, tokenizer: str | None = None, vocab_size: int = 512,
                  batch_size: int = 8, num_workers: int = 0, val_fraction: float = 0.05, cache_dir: str | None = None,
                  seed: int = 0) -> None:
-        super().__init__()
-        self.train_spec, self.val_spec, self.prompt_field = train, val, prompt_field
+        super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
+                         cache_dir=cache_dir, seed=seed)
+        self.prompt_field = prompt_field
         self.chat_template, self.max_prompt_length = chat_template, max_prompt_length
         self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
-        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
-        self.cache_dir, self.seed = cache_dir, seed
         self.repeat = 1  # set by the objective: optimiser steps per rollout
-        self.train_set: Prompts | None = None
-        self.val_set: Prompts | None = None
 
-    def prepare_data(self) -> None:
-        if self.train_spec is None:
-            synthetic_folder(self.cache_dir)
+    def synthetic_data(self) -> tuple[str, str]:
+        folder = synthetic_folder(self.cache_dir)
+        return str(folder / "prompts_train.jsonl"), str(folder / "prompts_val.jsonl")
 
     # ---- one record -----------------------------------------------------------------
-    def _parse(self, record: Record) -> dict[str, Any]:
+    def parse(self, record: Record) -> dict[str, Any]:
         data = record.data
         prompt = data.get(self.prompt_field)
         if prompt is None:
@@ -169,8 +168,8 @@ class GRPODataModule(DataModule):
         fields = {k: v for k, v in data.items() if k != self.prompt_field}
         return {"prompt": prompt, "messages": messages, "fields": fields, "where": record.where()}
 
-    def _read(self, spec: Any, what: str) -> list[dict[str, Any]]:
-        rows = [self._parse(r) for r in read_records(spec, what=what)]
+    def read(self, spec: Any, what: str) -> list[dict[str, Any]]:
+        rows = [self.parse(r) for r in read_records(spec, what=what)]
         if not rows:
             raise DataError(f"{what}: no prompts in {spec!r}")
         return rows
@@ -183,42 +182,37 @@ class GRPODataModule(DataModule):
                                 f"{self.max_prompt_length}", source=row["where"])
         return rows
 
-    # ---- the two sets -------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        if self.train_spec is None:
-            folder = synthetic_folder(self.cache_dir)
-            train = self._read(str(folder / "prompts_train.jsonl"), "data.train")
-            val = self._read(str(folder / "prompts_val.jsonl"), "data.val")
-        else:
-            train = self._read(self.train_spec, "data.train")
-            if self.val_spec is not None:
-                val = self._read(self.val_spec, "data.val")
-            else:
-                train, val = split_train_val(train, val_fraction=self.val_fraction, max_val=256, seed=self.seed)
-        if len(train) < self.batch_size:
-            raise DataError(f"data.train has {len(train)} prompt(s), fewer than data.batch_size={self.batch_size}")
+    # ---- the sets -----------------------------------------------------------------
+    def fit(self, train_items: list[dict[str, Any]]) -> None:
+        if len(train_items) < self.batch_size:
+            raise DataError(f"data.train has {len(train_items)} prompt(s), fewer than data.batch_size="
+                            f"{self.batch_size}", hint=f"lower data.batch_size (at most {len(train_items)}) or add prompts")
         if self.tokenizer_name:
             self.processor = build_tokenizer(self.tokenizer_name, self.chat_template, [], self.vocab_size,
                                              self.cache_dir)
         else:
             self.processor = arithmetic_tokenizer(self.cache_dir, self.vocab_size)
         self.processor.padding_side = "left"
-        self.train_set, self.val_set = Prompts(self._tokenize(train)), Prompts(self._tokenize(val))
 
-    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def build(self, items: list[dict[str, Any]], what: str) -> Prompts:
+        return Prompts(self._tokenize(items))
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_prompts(items, self.processor.pad_token_id)
+
+    _collate = collate
 
     def train_dataloader(self) -> RepeatingDataLoader:
         self.setup()
         return RepeatingDataLoader(self.train_set, self.batch_size, repeat=self.repeat, seed=self.seed,
-                                   collate_fn=self._collate, num_workers=self.num_workers)
+                                   collate_fn=self.collate, num_workers=self.num_workers)
 
-    def val_dataloader(self) -> ResumableDataLoader:
+    def val_dataloader(self) -> ResumableDataLoader | list[ResumableDataLoader]:
         self.setup()
-        return ResumableDataLoader(self.val_set, self.batch_size * 4, shuffle=False, collate_fn=self._collate,
-                                   num_workers=self.num_workers)
+        loaders = [ResumableDataLoader(dataset, self.batch_size * 4, shuffle=False, collate_fn=self.collate,
+                                       num_workers=self.num_workers, what=f"data.val ({name})")
+                   for name, dataset in self.val_sets.items()]
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def model_hints(self) -> dict[str, Any]:
         t = self.processor
@@ -226,4 +220,5 @@ class GRPODataModule(DataModule):
                 "eos_token_id": t.eos_token_id}
 
     def sample_inputs(self, n: int) -> list[dict[str, Any]]:
-        return [self.val_set[i] for i in range(min(n, len(self.val_set)))]
+        val_set = self.val_set
+        return [val_set[i] for i in range(min(n, len(val_set)))]

@@ -19,12 +19,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.images import ImageRef, image_from_sample, open_image, resolve_image_path
-from modalforge.data.loader import ResumableDataLoader
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.shards import webdataset_stream
-from modalforge.data.splits import split_train_val
 from modalforge.data.synthetic.shapes import write_shapes
-from modalforge.interfaces import DataModule
+from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.mixture import MixedStream
 
 CAPTION_KEYS = ("txt", "caption", "text")
 log = logging.getLogger(__name__)
@@ -135,11 +134,12 @@ def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, to
             "labels": torch.tensor([l for _, _, l in items])}
 
 
-class CLIPDataModule(DataModule):
+class CLIPDataModule(SourcedDataModule):
     """Image-caption pairs for contrastive training.
 
     Args:
-        train / val: manifests or shards; ``None`` generates the shapes-with-captions demo set.
+        train / val: manifests or shards, or a weighted mixture of sources (val: one or named sets); ``None``
+            generates the shapes-with-captions demo set.
         image_field / caption_field / label_field: manifest fields (label optional; enables zero-shot).
         image_size: model input size. mean / std: normalisation (OpenAI CLIP's by default).
         context_length: caption tokens. tokenizer: open_clip model name whose tokenizer to use
@@ -158,30 +158,29 @@ class CLIPDataModule(DataModule):
                  templates: list[str] | None = None, streaming: bool = False, shuffle_buffer: int = 1000,
                  batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1, cache_dir: str | None = None,
                  seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
+                         cache_dir=cache_dir, seed=seed)
         if streaming and (train is None or val is None):
             raise DataError("data.streaming=true needs data.train (shards) and data.val")
-        self.train_spec, self.val_spec = train, val
         self.fields = (image_field, caption_field, label_field)
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.context_length, self.tokenizer_name = context_length, tokenizer
         self.classnames = list(classnames) if classnames else None
         self.templates = list(templates) if templates else ["a photo of a {}.", "a {}.", "a picture of a {}."]
         self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
-        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
-        self.cache_dir, self.seed = cache_dir, seed
-        self.train_set: Dataset | IterableDataset | None = None
-        self.val_set: PairDataset | None = None
+
+    def synthetic_data(self) -> tuple[str, str]:
+        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "shapes-v1", write_shapes)
+        return str(folder / "train.jsonl"), str(folder / "val.jsonl")
 
     def _synthetic(self) -> Path:
-        return ensure_built(cache_root(self.cache_dir) / "synthetic" / "shapes-v1", write_shapes)
+        return Path(self.synthetic_data()[0]).parent
 
-    def prepare_data(self) -> None:
-        if self.train_spec is None:
-            self._synthetic()
+    def parse(self, record: Record) -> Pair:
+        return pair_from_record(record, *self.fields)
 
-    def _pairs(self, spec: Any, what: str) -> list[Pair]:
-        pairs = [pair_from_record(r, *self.fields) for r in read_records(spec, what=what)]
+    def read(self, spec: Any, what: str) -> list[Pair]:
+        pairs = [self.parse(r) for r in read_records(spec, what=what)]
         if not pairs:
             raise DataError(f"{what}: no image-caption pairs in {spec!r}")
         return pairs
@@ -193,33 +192,37 @@ class CLIPDataModule(DataModule):
             return open_clip.get_tokenizer(self.tokenizer_name, context_length=self.context_length)
         return open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.val_set is not None:
-            return
+    def _transform(self, train: bool):  # noqa: ANN202
         import open_clip
 
-        train_tf = open_clip.image_transform(self.image_size, is_train=True, mean=self.mean, std=self.std)
-        eval_tf = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
+        return open_clip.image_transform(self.image_size, is_train=train, mean=self.mean, std=self.std)
+
+    def fit(self, train_items: list[Pair]) -> None:
         self.processor = self._tokenizer()
-        if self.train_spec is None:
-            folder = self._synthetic()
-            train, val = self._pairs(str(folder / "train.jsonl"), "data.train"), self._pairs(
-                str(folder / "val.jsonl"), "data.val")
-        elif self.streaming:
-            train, val = [], self._pairs(self.val_spec, "data.val")
-        else:
-            train = self._pairs(self.train_spec, "data.train")
-            if self.val_spec is not None:
-                val = self._pairs(self.val_spec, "data.val")
-            else:
-                train, val = split_train_val(train, val_fraction=self.val_fraction, seed=self.seed)
-        self.classnames = self._classes(val)
-        if self.streaming:
-            self.train_set = StreamingPairs(self.train_spec, train_tf, self.processor, self.shuffle_buffer, self.seed)
-        else:
-            self.train_set = PairDataset(train, train_tf, self.processor, self.classnames)
-        self.val_set = PairDataset(val, eval_tf, self.processor, self.classnames, strict=True,
-                                   label_field=self.fields[2])
+        self.classnames = self._classes(self.first_val_items())
+
+    def build(self, items: list[Pair], what: str) -> PairDataset:
+        if what.startswith("data.train"):
+            return PairDataset(items, self._transform(True), self.processor, self.classnames)
+        return PairDataset(items, self._transform(False), self.processor, self.classnames, strict=True,
+                           label_field=self.fields[2])
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        return collate(items)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if not self.streaming:
+            super().setup(stage)
+            return
+        self.val_items = {name: self.read(spec, "data.val") for name, spec in self.val_specs.items()}
+        self.fit([])
+        streams = [StreamingPairs(source.spec, self._transform(True), self.processor, self.shuffle_buffer, self.seed)
+                   for source in self.sources]
+        self.train_set = streams[0] if len(streams) == 1 else MixedStream(
+            streams, [s.weight for s in self.sources], [s.name for s in self.sources], seed=self.seed)
+        self.val_sets = {name: self.build(items, "data.val") for name, items in self.val_items.items()}
 
     def _classes(self, val: list[Pair]) -> list[str]:
         """The zero-shot class names: ``data.classnames``, else the validation labels (checked either way)."""
@@ -247,13 +250,7 @@ class CLIPDataModule(DataModule):
         if self.streaming:
             return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
                               collate_fn=collate, drop_last=True)
-        return ResumableDataLoader(self.train_set, self.batch_size, shuffle=True, seed=self.seed, collate_fn=collate,
-                                   num_workers=self.num_workers, drop_last=True)
-
-    def val_dataloader(self) -> ResumableDataLoader:
-        self.setup()
-        return ResumableDataLoader(self.val_set, self.batch_size, shuffle=False, collate_fn=collate,
-                                   num_workers=self.num_workers)
+        return super().train_dataloader()
 
     def model_hints(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "context_length": self.context_length,
@@ -269,5 +266,6 @@ class CLIPDataModule(DataModule):
 
     def sample_inputs(self, n: int) -> list[tuple[torch.Tensor, str]]:
         """A few validation images with their true captions."""
-        step = max(1, len(self.val_set) // max(n, 1))
-        return [(self.val_set[i][0], self.val_set.pairs[i].caption) for i in range(0, len(self.val_set), step)][:n]
+        val_set = self.val_set
+        step = max(1, len(val_set) // max(n, 1))
+        return [(val_set[i][0], val_set.pairs[i].caption) for i in range(0, len(val_set), step)][:n]

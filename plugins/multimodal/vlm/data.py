@@ -1,0 +1,330 @@
+"""vlm data: interleaved image-text records -> tokens with expanded image tokens, pixels, loss mask.
+
+Records (see :mod:`.formats`) become chats or documents with one placeholder per image. Chats go
+through the sft plugin's chat code (template, assistant-only mask); documents and captions learn all
+their text. Each image placeholder then expands here, once, to the number of tokens the vision tower
+produces for an image (the Objective never re-counts; it checks this number against the tower
+once, at build time). Image tokens are never learned. With ``data.packing=true`` samples share rows
+under the chat code's block-diagonal mask; images follow their sample, in order.
+
+The processor (tokenizer with the image token, CLIP-style image processor, patch size) is a
+``transformers`` ``LlavaProcessor``, saved with the model, so ``AutoProcessor`` loads ``final/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from modalforge.data.cache import cache_root, ensure_built
+from modalforge.data.errors import DataError
+from modalforge.data.images import ImageRef, open_image
+from modalforge.data.readers import Record
+from modalforge.data.datamodule import SourcedDataModule
+from modalforge.plugins.multimodal.vlm.formats import Sample, final_answer, parse_record
+from modalforge.plugins.multimodal.vlm.synthetic import write_vlm_sets
+from modalforge.plugins.text.chat.formats import Message
+from modalforge.plugins.text.chat.packing import collate_rows, pack_first_fit
+from modalforge.plugins.text.chat.templates import TEMPLATES
+from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized, tokenize_conversation, tokenize_prompt
+from modalforge.plugins.text.chat.tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# How a list content renders: image parts become the image token, text parts their text. Substituted into
+# the chat plugin's templates so `AutoProcessor.apply_chat_template` takes HF-style image parts.
+_CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for part in message['content'] %}{% if part['type'] in ['image', 'image_url'] %}{{ '@IMAGE@' }}"
+            "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}")
+
+
+def multimodal_template(template: str, image_token: str) -> str:
+    """A chat plugin template that also renders ``{"type": "image"}`` / ``{"type": "text"}`` content parts."""
+    needle = "{{ message['content'] }}"
+    if needle not in template or "part['type']" in template:
+        return template
+    return template.replace(needle, _CONTENT.replace("@IMAGE@", image_token))
+
+
+@dataclass
+class Example(Tokenized):
+    """Tokens (images expanded), labels, and the images in order of their tokens."""
+
+    images: list[ImageRef] = field(default_factory=list)
+    source: str = ""
+    location: str = ""
+
+
+@dataclass
+class Question:
+    """A held-out question: prompt tokens (images expanded), its images and the reference answer."""
+
+    input_ids: list[int]
+    images: list[ImageRef]
+    question: str
+    answer: str
+    where: str
+
+    def __str__(self) -> str:
+        return json.dumps({"images": [r.describe() for r in self.images], "question": self.question,
+                           "answer": self.answer})
+
+
+class Rows(Dataset):
+    """Rows of one (unpacked) or several (packed) examples, with their images opened."""
+
+    def __init__(self, rows: list[list[Example]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[list[Example], list[Any]]:
+        row = self.rows[index]
+        return row, [load_image(ref, e) for e in row for ref in e.images]
+
+
+def load_image(ref: ImageRef, example: Example | Sample | Question):  # noqa: ANN201 - PIL image
+    """The image, or a ``DataError`` naming the record and the file."""
+    try:
+        return open_image(ref)
+    except DataError as err:
+        source, location = (example.source, example.location) if not isinstance(example, Question) else (
+            example.where, None)
+        raise DataError(f"image {ref.describe()}: {err.detail}", source=source, location=location) from None
+
+
+class VLMDataModule(SourcedDataModule):
+    """Interleaved image-text data for a LLaVA-style model.
+
+    Args:
+        train / val: manifests (jsonl/json/parquet/csv), webdataset shards or ``hf:`` datasets; ``None``
+            generates the shapes demo (``demo``: ``questions`` or ``captions``).
+        format: force a record format (``messages``, ``llava``, ``document``, ``caption``); ``None`` detects.
+        chat_template: ``auto`` (the tokenizer's own, else chatml), ``tokenizer``, ``chatml`` or ``llama3``.
+        train_on: ``assistant`` (chats: completion-only loss) or ``all``; documents and captions learn all text.
+        max_length: tokens per example once images expand (and per packed row).
+        too_long: ``error`` (names the record) or ``drop`` (counted and reported).
+        packing: pack examples into rows with a block-diagonal mask.
+        processor: a LLaVA folder (a previous run's ``final/``) whose processor to use.
+        tokenizer: a language model folder whose tokenizer to use; ``None`` trains a BPE on the data.
+        vision_tower: the tower folder (clip run ``final/`` or HF CLIP/SigLIP), for its image size, patch
+            size and normalisation.
+        image_size: tower input size (images of other sizes are resized); ``None``: the tower's, else 32.
+        patch_size: patch size of a tower built from config.
+        vision_feature_select_strategy: LLaVA's ``default`` (drop the CLS token) or ``full``; ``None``: ``full``
+            for SigLIP towers (no CLS), ``default`` otherwise. Must match the model's.
+        image_token: the placeholder token added to the tokenizer.
+        vocab_size: size of the BPE trained when no tokenizer is given.
+        num_eval_questions: held-out questions answered greedily at each validation (``val/acc``).
+        batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
+    """
+
+    def __init__(self, train: Any = None, val: Any = None,
+                 format: Literal["messages", "llava", "document", "caption"] | None = None,
+                 demo: Literal["questions", "captions"] = "questions",
+                 chat_template: Literal["auto", "tokenizer", "chatml", "llama3"] = "auto",
+                 train_on: Literal["assistant", "all"] = "assistant", max_length: int = 320,
+                 too_long: Literal["error", "drop"] = "error", packing: bool = True, processor: str | None = None,
+                 tokenizer: str | None = None, vision_tower: str | None = None, image_size: int | None = None,
+                 patch_size: int = 4, vision_feature_select_strategy: Literal["default", "full"] | None = None,
+                 image_token: str = "<image>", vocab_size: int = 512,
+                 num_eval_questions: int = 64, batch_size: int = 8, num_workers: int = 0,
+                 val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
+        super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
+                         cache_dir=cache_dir, seed=seed)
+        self.format, self.demo = format, demo
+        self.chat_template, self.train_on, self.max_length = chat_template, train_on, max_length
+        self.too_long, self.packing = too_long, packing
+        self.processor_path, self.tokenizer_name, self.vision_tower = processor, tokenizer, vision_tower
+        self.image_size, self.patch_size, self.image_token = image_size, patch_size, image_token
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.vocab_size, self.num_eval_questions = vocab_size, num_eval_questions
+        self.tokenizer: Any = None
+        self.image_tokens = 0
+        self.questions: list[Question] = []
+        self.stats: dict[str, float] = {}
+
+    # ---- sources ------------------------------------------------------------------------
+    def synthetic_data(self) -> tuple[str, str]:
+        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "vlm-shapes-v2", write_vlm_sets)
+        return str(folder / f"{self.demo}_train.jsonl"), str(folder / f"{self.demo}_val.jsonl")
+
+    def _synthetic(self) -> Path:
+        return Path(self.synthetic_data()[0]).parent
+
+    def parse(self, record: Record) -> Sample:
+        return parse_record(record, self.format, self.image_token)
+
+    # ---- processor ----------------------------------------------------------------------
+    def _tower_settings(self) -> dict[str, Any]:
+        """Image size, patch size, CLS token and normalisation of the vision tower named by the config."""
+        from modalforge.plugins.multimodal.vlm.model import vision_geometry
+
+        settings = {"image_size": 32, "patch_size": self.patch_size, "strategy": "default", "cls": True,
+                    "mean": CLIP_MEAN, "std": CLIP_STD}
+        if self.vision_tower:
+            settings.update(vision_geometry(self.vision_tower))
+            folder = Path(self.vision_tower).expanduser()
+            if (folder / "preprocess_config.json").exists():  # a clip run's final/
+                pre = json.loads((folder / "preprocess_config.json").read_text())
+                settings.update(mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)))
+            elif (folder / "preprocessor_config.json").exists():
+                pre = json.loads((folder / "preprocessor_config.json").read_text())
+                settings.update(mean=tuple(pre.get("image_mean", CLIP_MEAN)), std=tuple(pre.get("image_std", CLIP_STD)))
+        if self.image_size:
+            settings["image_size"] = self.image_size
+        if self.vision_feature_select_strategy:
+            settings["strategy"] = self.vision_feature_select_strategy
+        return settings
+
+    def _build_processor(self, texts: list[list[Message]]) -> Any:
+        from transformers import AutoProcessor, CLIPImageProcessor, LlavaProcessor
+
+        if self.processor_path:
+            try:
+                processor = AutoProcessor.from_pretrained(str(Path(self.processor_path).expanduser()))
+            except Exception as err:  # noqa: BLE001
+                from modalforge.models import offline_hint
+
+                raise offline_hint(self.processor_path, err, what="processor") from err
+            if self.image_size:
+                size = self.image_size
+                processor.image_processor.size = {"shortest_edge": size}
+                processor.image_processor.crop_size = {"height": size, "width": size}
+            return processor
+        settings = self._tower_settings()
+        tokenizer = build_tokenizer(self.tokenizer_name, self.chat_template, texts, self.vocab_size, self.cache_dir)
+        if self.image_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([self.image_token], special_tokens=True)
+        if tokenizer.chat_template in TEMPLATES.values():
+            tokenizer.chat_template = multimodal_template(tokenizer.chat_template, self.image_token)
+        size = int(settings["image_size"])
+        image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                             image_mean=list(settings["mean"]), image_std=list(settings["std"]))
+        strategy = settings["strategy"]
+        return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                              patch_size=int(settings["patch_size"]), vision_feature_select_strategy=strategy,
+                              num_additional_image_tokens=1 if settings["cls"] else 0,
+                              image_token=self.image_token, chat_template=tokenizer.chat_template)
+
+    def tokens_per_image(self) -> int:
+        """Image tokens per image, as ``LlavaProcessor`` counts them for its image size and patch size."""
+        p = self.processor
+        crop = p.image_processor.crop_size
+        count = (crop["height"] // p.patch_size) * (crop["width"] // p.patch_size) + p.num_additional_image_tokens
+        return count - (1 if p.vision_feature_select_strategy == "default" else 0)
+
+    # ---- tokenisation -------------------------------------------------------------------
+    def _expand(self, ids: list[int], labels: list[int], sample: Sample) -> tuple[list[int], list[int]]:
+        image_id = self.processor.image_token_id
+        found = ids.count(image_id)
+        if found != len(sample.images):
+            raise sample.error(f"{found} image token(s) after tokenisation but {len(sample.images)} image(s): "
+                               f"the chat template or tokenizer changed the placeholder {self.image_token!r}")
+        out_ids, out_labels = [], []
+        for token, label in zip(ids, labels):
+            if token == image_id:
+                out_ids += [image_id] * self.image_tokens
+                out_labels += [IGNORE] * self.image_tokens
+            else:
+                out_ids.append(token)
+                out_labels.append(label)
+        return out_ids, out_labels
+
+    def tokenize(self, sample: Sample) -> Example:
+        """Token ids and labels of one sample, images expanded; image tokens are never learned."""
+        tok = self.tokenizer
+        if sample.is_chat:
+            chat = tokenize_conversation(tok, sample.messages, train_on=self.train_on)
+            ids, labels = chat.input_ids, chat.labels
+        else:
+            ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
+                tok(sample.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            labels = list(ids)
+        ids, labels = self._expand(ids, labels, sample)
+        return Example(ids, labels, images=list(sample.images), source=sample.source, location=sample.location)
+
+    def _examples(self, samples: list[Sample], what: str) -> list[Example]:
+        examples, dropped = [], []
+        for sample in samples:
+            example = self.tokenize(sample)
+            if len(example) > self.max_length:
+                if self.too_long == "error":
+                    raise sample.error(f"{len(example)} tokens once its {len(sample.images)} image(s) expand to "
+                                       f"{self.image_tokens} tokens each, longer than data.max_length="
+                                       f"{self.max_length}; raise it, or set data.too_long=drop")
+                dropped.append(sample.where)
+                continue
+            if all(label == IGNORE for label in example.labels[1:]):
+                dropped.append(sample.where)
+                continue
+            examples.append(example)
+        if dropped:
+            log.warning("%s: %d example(s) dropped (too long, or nothing to learn), first: %s", what, len(dropped),
+                        dropped[0])
+        if not examples:
+            raise DataError(f"{what}: no example left to train on")
+        return examples
+
+    def _questions(self, samples: list[Sample]) -> list[Question]:
+        questions = []
+        for sample in samples:
+            pair = final_answer(sample)
+            if pair is None or len(questions) >= self.num_eval_questions:
+                continue
+            prompt, answer = pair
+            ids = tokenize_prompt(self.tokenizer, prompt)
+            ids, _ = self._expand(ids, list(ids), sample)
+            text = str(prompt[-1].get("content") or "").replace(self.image_token, "").strip()
+            questions.append(Question(ids, list(sample.images), text, answer, sample.where))
+        return questions
+
+    def fit(self, train: list[Sample]) -> None:
+        texts = [s.messages if s.is_chat else [{"role": "user", "content": s.text}] for s in train]
+        texts = [[{**m, "content": str(m.get("content") or "").replace(self.image_token, " ")} for m in t]
+                 for t in texts]
+        self.processor = self._build_processor(texts)
+        self.tokenizer = self.processor.tokenizer
+        self.image_tokens = self.tokens_per_image()
+        self.questions = self._questions(self.first_val_items())
+
+    def build(self, items: list[Sample], what: str) -> Rows:
+        examples = self._examples(items, what)
+        rows = pack_first_fit(examples, self.max_length) if self.packing else [[e] for e in examples]
+        log.info("vlm %s: %d examples in %d rows, %d image tokens per image", what, len(examples), len(rows),
+                 self.image_tokens)
+        return Rows(rows)
+
+    # ---- batches ------------------------------------------------------------------------
+    def pixel_values(self, images: list[Any]) -> torch.Tensor | None:
+        """The image processor's ``pixel_values`` for PIL images (``None`` for none)."""
+        if not images:
+            return None
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    def collate(self, items: list[tuple[list[Example], list[Any]]]) -> dict[str, torch.Tensor]:
+        batch = collate_rows([row for row, _ in items], self.tokenizer.pad_token_id, self.packing)
+        pixels = self.pixel_values([image for _, images in items for image in images])
+        if pixels is not None:
+            batch["pixel_values"] = pixels
+        return batch
+
+    def model_hints(self) -> dict[str, Any]:
+        t = self.tokenizer
+        return {"vocab_size": len(t), "pad_token_id": t.pad_token_id, "bos_token_id": t.bos_token_id,
+                "eos_token_id": t.eos_token_id, "image_token_id": self.processor.image_token_id,
+                "image_size": self.processor.image_processor.crop_size["height"]}
+
+    def sample_inputs(self, n: int) -> list[Question]:
+        step = max(1, len(self.questions) // max(n, 1))
+        return self.questions[::step][:n]

@@ -1,0 +1,182 @@
+"""vlm objective: next-token cross-entropy on text tokens of a LLaVA model; exact-match answers at validation.
+
+Which parts learn is configuration: ``freeze_vision_tower`` / ``freeze_language_model`` /
+``freeze_projector`` (stage 1 = projector only; stage 2 = projector + LM, or LoRA on the LM with the
+projector trained in full), and ``optim.param_groups`` gives each part its own learning rate.
+Parts of the tower LLaVA never uses (the pooled-output norm, layers after ``vision_feature_layer``)
+are found once by a probe forward and stay frozen, so nothing trainable sits idle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from modalforge.errors import ModalforgeError
+from modalforge.interfaces import ModelObjective, StepOutput
+from modalforge.plugins.multimodal.vlm.formats import normalise_answer
+from modalforge.plugins.text.chat.generate import END_OF_TURN
+from modalforge.plugins.text.sft.objective import token_loss_and_accuracy
+
+
+def _llava(model: nn.Module) -> nn.Module:
+    """The ``LlavaForConditionalGeneration`` inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class VLMObjective(ModelObjective):
+    """Train a LLaVA-style model on interleaved image-text data.
+
+    Args:
+        model: the ``model`` config (``build_vlm``).
+        freeze_vision_tower: keep the vision tower frozen (LLaVA's recipe for a pretrained tower).
+        freeze_language_model: keep the language model frozen (stage 1: projector only).
+        freeze_projector: keep the projector frozen.
+        eval_max_new_tokens: greedy tokens per held-out answer (``val/acc``).
+        sample_max_new_tokens: tokens per human-readable sample.
+    """
+
+    def __init__(self, model: Mapping[str, Any] | None = None, freeze_vision_tower: bool = False,
+                 freeze_language_model: bool = False, freeze_projector: bool = False, eval_max_new_tokens: int = 8,
+                 sample_max_new_tokens: int = 16) -> None:
+        super().__init__(model)
+        self.freeze_vision_tower, self.freeze_language_model = freeze_vision_tower, freeze_language_model
+        self.freeze_projector = freeze_projector
+        self.eval_max_new_tokens, self.sample_max_new_tokens = eval_max_new_tokens, sample_max_new_tokens
+        self.val_loss = MeanMetric()
+        self._unused: list[nn.Module] = []
+
+    # ---- building -------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        self._unused = self._probe_tower()
+
+    def _probe_tower(self) -> list[nn.Module]:
+        """Check the image token count against the tower's output; return the tower parts LLaVA never uses."""
+        llava = _llava(self.model)
+        tower = llava.model.vision_tower
+        if any(p.is_meta for p in tower.parameters()) or self.datamodule is None:
+            return []
+        size = self.datamodule.model_hints()["image_size"]
+        expected = self.datamodule.image_tokens
+        pixels = torch.zeros(1, 3, size, size, dtype=next(tower.parameters()).dtype)
+        with torch.enable_grad():
+            try:
+                features = llava.model.get_image_features(pixel_values=pixels).pooler_output
+            except Exception as err:  # noqa: BLE001 - a tower that refuses the input size says so in its own words
+                raise ModalforgeError(f"the vision tower does not take {size}x{size} images (data.image_size): "
+                                      f"{type(err).__name__}: {err}") from err
+            produced = int(features[0].shape[0])
+            if produced != expected:
+                raise ModalforgeError(
+                    f"the data expands each image to {expected} image tokens (data.image_size={size}, patch size "
+                    f"{self.datamodule.processor.patch_size}), but the vision tower produces {produced} features per "
+                    "image; set data.image_size / data.patch_size to the tower's")
+            features[0].float().sum().backward()
+        unused = {id(p) for p in tower.parameters() if p.grad is None}
+        tower.zero_grad(set_to_none=True)
+        llava.model.multi_modal_projector.zero_grad(set_to_none=True)
+        modules = []
+        for name, module in tower.named_modules():
+            params = list(module.parameters())
+            if params and all(id(p) in unused for p in params) and not any(name.startswith(f"{m}.") for m, _ in modules):
+                modules.append((name, module))
+        return [m for _, m in modules]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        if self.model is None:
+            return []
+        llava = _llava(self.model)
+        frozen = list(self._unused)
+        if self.freeze_vision_tower:
+            frozen.append(llava.model.vision_tower)
+        if self.freeze_language_model:
+            frozen += [llava.model.language_model, llava.lm_head]
+        if self.freeze_projector:
+            frozen.append(llava.model.multi_modal_projector)
+        return frozen
+
+    def default_adapter_targets(self) -> list[str]:
+        """LoRA goes on the language model's linear layers (never the tower, never the head)."""
+        llava = _llava(self.model)
+        return [f"model.language_model.{name}" for name, module in llava.model.language_model.named_modules()
+                if isinstance(module, nn.Linear)]
+
+    def trainable_heads(self) -> list[str]:
+        return [] if self.freeze_projector else ["multi_modal_projector"]
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        if self.model is None:
+            return set()
+        names = set(getattr(_llava(self.model), "_no_split_modules", None) or [])
+        return {type(m) for m in self.model.modules() if type(m).__name__ in names}
+
+    # ---- steps ----------------------------------------------------------------------------
+    def _forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        out = self.model(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
+                         attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
+        loss, accuracy, count = token_loss_and_accuracy(out.logits, batch["labels"])
+        return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=count,
+                          batch_size=batch["input_ids"].shape[0])
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        return self._forward(batch)
+
+    def validation_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        with torch.no_grad():
+            out = self._forward(batch)
+        self.val_loss.update(out.loss.detach(), weight=out.num_tokens)
+        return out
+
+    def validation_epoch_metrics(self) -> dict[str, torch.Tensor]:
+        metrics = {"ppl": torch.exp(self.val_loss.compute())}
+        self.val_loss.reset()
+        questions = getattr(self.datamodule, "questions", None) or []
+        if questions:
+            answers = self.answer(questions, self.eval_max_new_tokens)
+            right = [normalise_answer(a) == normalise_answer(q.answer) for q, a in zip(questions, answers)]
+            metrics["acc"] = torch.tensor(sum(right) / len(right))
+        return metrics
+
+    @torch.no_grad()
+    def answer(self, questions: list[Any], max_new_tokens: int) -> list[str]:
+        """Greedy answers to held-out questions (their prompts already carry expanded image tokens)."""
+        from modalforge.plugins.multimodal.vlm.data import load_image
+
+        dm = self.datamodule
+        tokenizer = dm.tokenizer
+        device = next(self.model.parameters()).device
+        vocab = tokenizer.get_vocab()
+        stop = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+        answers = []
+        for q in questions:
+            ids = torch.tensor([q.input_ids], device=device)
+            pixels = dm.pixel_values([load_image(ref, q) for ref in q.images])
+            kwargs = {"pixel_values": pixels.to(device, next(self.model.parameters()).dtype)} if pixels is not None \
+                else {}
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=stop, **kwargs)
+            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        return answers
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """The LLaVA folder, with generation stopping at the chat template's end of turn as in training."""
+        tokenizer = getattr(self.datamodule, "tokenizer", None)
+        config = getattr(_llava(self.model), "generation_config", None)
+        if tokenizer is not None and config is not None:
+            vocab = tokenizer.get_vocab()
+            config.eos_token_id = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+            config.pad_token_id = tokenizer.pad_token_id
+        super().save_pretrained(directory)
+
+    def sample(self, inputs: list[Any]) -> list[str]:
+        answers = self.answer(inputs, self.sample_max_new_tokens)
+        return [f"{', '.join(r.describe() for r in q.images)} | {q.question} -> {a} (expected: {q.answer})"
+                for q, a in zip(inputs, answers)]
