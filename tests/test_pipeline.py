@@ -261,6 +261,24 @@ def test_clip_then_image_classification_probe_and_finetune(tmp_path):
     assert any(not torch.equal(tuned[k], clip[k]) for k in clip)
 
 
+@pytest.mark.slow
+def test_clip_and_causal_lm_then_vlm_loads_with_plain_transformers(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    root = tmp_path / "pipe"
+    main(["pipeline", "clip_causal_lm_vlm", "--dir", str(root), *TINY])
+    for stage in ("clip", "pretrain", "vlm_stage1", "vlm_stage2"):
+        assert (root / stage / "finished.json").exists(), stage
+    # stage 1 trained the projector only: the language model is the causal_lm run's
+    lm = _tensors(root / "pretrain" / "final" / "model.safetensors", "model.layers.0.")
+    joined = LlavaForConditionalGeneration.from_pretrained(root / "vlm_stage1" / "final")
+    layer = {k: v for k, v in joined.model.language_model.layers[0].state_dict().items()}
+    assert lm and all(torch.equal(layer[k], lm[k]) for k in lm)
+    model = LlavaForConditionalGeneration.from_pretrained(root / "vlm_stage2" / "final")
+    processor = AutoProcessor.from_pretrained(root / "vlm_stage2" / "final")
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+
 # ---- the clip_tower model (no training) --------------------------------------------------------------
 @pytest.fixture
 def clip_final(tmp_path) -> Path:

@@ -18,7 +18,11 @@ from typing import Literal
 
 import torch
 
-LossType = Literal["grpo", "dapo", "dr_grpo", "bnpo", "rloo", "cispo", "sapo", "luspo", "vespo"]
+LossType = Literal["grpo", "dapo", "dr_grpo", "bnpo", "rloo", "cispo", "sapo", "luspo", "vespo", "online_dpo",
+                   "online_ipo"]
+#: Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"): pairs sampled
+#: from the policy and judged by the rewards, trained with the DPO (sigmoid) or IPO loss, as TRL's OnlineDPOTrainer.
+ONLINE_DPO = ("online_dpo", "online_ipo")
 ScaleRewards = Literal["group", "batch", "none"]
 ISLevel = Literal["token", "sequence"]
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -212,4 +216,33 @@ def grpo_loss(loss_type: LossType, logps: torch.Tensor, old_logps: torch.Tensor 
         stats["clip_ratio/region"] = masked_mean(torch.maximum(low, high), mask)
     elif loss_type == "cispo":
         stats["clip_ratio/region"] = masked_mean(((ratio > epsilon_high) & (adv > 0)).float(), mask)
+    return loss, stats
+
+
+def online_dpo_loss(loss_type: str, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                    rewards: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Online DPO / IPO over consecutive completion pairs (two per prompt), judged by ``rewards``.
+
+    The better-rewarded completion of each pair is *chosen*; with ``h = (log pi(c) - log pi(r)) -
+    (log ref(c) - log ref(r))`` on sequence log-probs, the loss is ``-log sigmoid(beta h)`` (DPO) or
+    ``(h - 1 / (2 beta))^2`` (IPO), as TRL's OnlineDPOTrainer computes them. Pairs whose rewards tie
+    teach nothing and are left out of the mean (``decided`` is the share kept).
+    """
+    policy = (logps * mask).sum(1).view(-1, 2)
+    reference = (ref_logps * mask).sum(1).view(-1, 2)
+    judged = rewards.view(-1, 2)
+    chosen = (judged[:, 1] > judged[:, 0]).long()[:, None]
+    decided = (judged[:, 0] != judged[:, 1]).float()
+    h = (policy.gather(1, chosen) - policy.gather(1, 1 - chosen)).squeeze(1) - (
+        reference.gather(1, chosen) - reference.gather(1, 1 - chosen)).squeeze(1)
+    if loss_type == "online_dpo":
+        per_pair = -torch.nn.functional.logsigmoid(beta * h)
+    elif loss_type == "online_ipo":
+        per_pair = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"not an online DPO loss: {loss_type!r}")
+    loss = (per_pair * decided).sum() / decided.sum().clamp(min=1.0)
+    stats = {"online_dpo/margin": (beta * h * decided).sum().detach() / decided.sum().clamp(min=1.0),
+             "online_dpo/decided": decided.mean().detach(),
+             "online_dpo/accuracy": ((h > 0).float() * decided).sum().detach() / decided.sum().clamp(min=1.0)}
     return loss, stats

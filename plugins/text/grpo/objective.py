@@ -73,10 +73,13 @@ class GRPOObjective(ModelObjective):
         rewards: reward specs: built-ins (``exact_match``, ``format``, ``length``, ``digits``), ``pkg.module:fn``,
             ``path/file.py:fn``, ``reward_model:/path``; or mappings ``{reward, weight, name, **kwargs}``.
         reward_weights: one weight per reward (TRL's name); default 1 each.
-        loss: ``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``rloo``, ``cispo``, ``sapo``, ``luspo``, ``vespo``.
+        loss: ``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``rloo``, ``cispo``, ``sapo``, ``luspo``, ``vespo``; or
+            ``online_dpo`` / ``online_ipo`` (TRL's OnlineDPOTrainer: a pair per prompt, judged by the rewards,
+            trained with the DPO / IPO loss against the reference; needs num_generations=2 and beta > 0).
         num_generations: completions per prompt (G).
         scale_rewards: divide advantages by the ``group``'s reward std, the ``batch``'s, or ``none`` (Dr. GRPO).
-        beta: weight of the KL penalty to the reference (0: no reference is built or run).
+        beta: weight of the KL penalty to the reference (0: no reference is built or run); for the online DPO
+            losses, DPO's beta.
         reference: ``auto`` (adapter-disabled under PEFT, else a frozen copy; none when beta=0), ``copy``,
             ``adapter``, ``none``.
         epsilon / epsilon_high: lower / upper clip range (``epsilon_high`` > ``epsilon``: DAPO's clip-higher;
@@ -128,6 +131,11 @@ class GRPOObjective(ModelObjective):
         if generation_batch_size is not None and generation_batch_size % num_generations:
             raise ModalforgeError(f"objective.generation_batch_size={generation_batch_size} is not a multiple of "
                                   f"objective.num_generations={num_generations}: a group is generated in one call")
+        if loss in losses.ONLINE_DPO and (num_generations != 2 or beta <= 0 or num_iterations != 1
+                                          or steps_per_generation != 1 or dynamic_sampling):
+            raise ModalforgeError(f"objective.loss={loss} samples one pair per prompt and updates on it once: it needs "
+                                  "objective.num_generations=2, objective.beta > 0 (the DPO beta, against the "
+                                  "reference), num_iterations=1, steps_per_generation=1 and dynamic_sampling=false")
         if min(num_iterations, steps_per_generation, max_completion_length) < 1:
             raise ModalforgeError("objective.num_iterations, steps_per_generation and max_completion_length must be >= 1")
         self.loss_type, self.num_generations, self.scale_rewards = loss, num_generations, scale_rewards
@@ -372,6 +380,11 @@ class GRPOObjective(ModelObjective):
 
     def _loss(self, part: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of one minibatch of the rollout, and its statistics."""
+        if self.loss_type in losses.ONLINE_DPO:
+            # the pair's better completion by reward is the chosen one: the group advantage keeps that order
+            logps, _ = self._logps(self.model, part)
+            return losses.online_dpo_loss(self.loss_type, logps, part.ref_logps, part.completion_mask,
+                                          part.advantages, self.beta)
         logps, entropies = self._logps(self.model, part, entropy=True)
         return losses.grpo_loss(
             self.loss_type, logps, part.old_logps, part.advantages, part.completion_mask, ref_logps=part.ref_logps,
