@@ -390,18 +390,17 @@ def _max_length(value: Any, cfg: dict, ctx: Context) -> list[str]:
     if value is None:
         raise _Unmapped("modalforge needs a data.max_length")
     out = [_set("data.max_length", int(value))]
-    if ctx.plugin == "sft":
-        out.append(_set("data.too_long", "truncate"))  # TRL truncates; dpo stops naming the record instead
+    if ctx.plugin in ("sft", "dpo"):
+        out.append(_set("data.too_long", "truncate"))  # TRL truncates what is longer
     return out
 
 
 def _truncation(value: Any, cfg: dict, ctx: Context) -> list[str]:
+    if ctx.plugin == "dpo" and value in ("keep_start", "keep_end"):
+        return [_set("data.truncation_mode", value)]
     if value != "keep_start":
-        raise _Unmapped("only keep_start (TRL's own default)")
-    if ctx.plugin == "sft":
-        return []
-    raise _Ignored("modalforge's dpo data stops on a pair longer than data.max_length, naming it, instead of "
-                   "truncating")
+        raise _Unmapped("only keep_start (TRL's own default) outside dpo")
+    return []
 
 
 def _sft_completion_only(value: Any, cfg: dict, ctx: Context) -> list[str]:

@@ -161,3 +161,28 @@ def test_after_sft_experiment_points_at_the_sft_output():
     cfg = compose(["plugin=dpo", "experiment=dpo/after_sft", "sft_dir=runs/sft"])
     assert cfg.model.name_or_path == "runs/sft/final" and cfg.data.tokenizer == "runs/sft/final"
     assert not check_config_binds(cfg)
+
+
+def test_too_long_pairs_truncate_as_trl_or_drop(tmp_path):
+    from modalforge.plugins.text.dpo.data import DPODataModule, truncate_pair
+
+    prompt, pair = [1, 2, 3, 4], {"chosen": [5, 6, 7], "rejected": [8, 9]}
+    start = truncate_pair(prompt, pair, 5, "keep_start")
+    assert start == ([1, 2, 3, 4], {"chosen": [5], "rejected": [8]})
+    end = truncate_pair(prompt, pair, 5, "keep_end")
+    assert end == ([3, 4], {"chosen": [5, 6, 7], "rejected": [8, 9]})
+    assert truncate_pair(prompt, pair, 9, "keep_start") == (prompt, pair)  # fits: untouched
+    long = "".join(["very long question "] * 30)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": long, "chosen": "yes", "rejected": "no"}) + "\n" +
+                    "".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(8)))
+    with pytest.raises(DataError, match=r"pairs.jsonl, line 1: prompt \+ \w+ is \d+ tokens"):
+        DPODataModule(train=str(path), val=str(path), max_length=32, batch_size=2).setup()
+    dropping = DPODataModule(train=str(path), val=str(path), max_length=32, too_long="drop", batch_size=2)
+    dropping.setup()
+    assert len(dropping.train_set) == 8
+    cutting = DPODataModule(train=str(path), val=str(path), max_length=32, too_long="truncate",
+                            truncation_mode="keep_end", batch_size=2)
+    cutting.setup()
+    first = cutting.train_set.items[0]
+    assert len(first["prompt"]) + max(len(first["chosen"]), len(first["rejected"])) <= 32

@@ -7,6 +7,8 @@ and rejected are collated into one batch so the policy sees them in a single for
 
 from __future__ import annotations
 
+import logging
+
 from typing import Any, Literal
 
 import torch
@@ -20,6 +22,9 @@ from modalforge.plugins.text.chat.formats import Message, as_messages, check_mes
 from modalforge.plugins.text.chat.synthetic import write_alignment_sets
 from modalforge.plugins.text.chat.tokenize import tokenize_completion, tokenize_prompt
 from modalforge.plugins.text.chat.tokenizer import build_tokenizer
+
+
+log = logging.getLogger(__name__)
 
 
 def _messages(record: Record, field: str, role: str) -> list[Message]:
@@ -40,6 +45,30 @@ class Preferences(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         return {**item, "index": item.get("uid", index)}
+
+
+def truncate_pair(prompt: list[int], completions: dict[str, list[int]], max_length: int,
+                  mode: str) -> tuple[list[int], dict[str, list[int]]]:
+    """Prompt and completions cut so that prompt + the longest completion fit ``max_length`` (TRL's modes).
+
+    ``keep_start`` keeps the beginning of each sequence: completions lose their end first, then the prompt
+    its end; ``keep_end`` keeps the end: the prompt loses its start first, then completions their start.
+    At least one prompt token and one completion token always remain."""
+    longest = max(len(c) for c in completions.values())
+    over = len(prompt) + longest - max_length
+    if over <= 0:
+        return prompt, completions
+    if mode == "keep_end":
+        cut = min(over, len(prompt) - 1)
+        prompt, over = prompt[cut:], over - cut
+        if over > 0:
+            completions = {k: c[max(0, len(c) - (max_length - len(prompt))):] for k, c in completions.items()}
+        return prompt, completions
+    room = max(1, max_length - len(prompt))
+    completions = {k: c[:room] for k, c in completions.items()}
+    if len(prompt) + max(len(c) for c in completions.values()) > max_length:
+        prompt = prompt[: max_length - max(len(c) for c in completions.values())]
+    return prompt, completions
 
 
 def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -79,13 +108,19 @@ class DPODataModule(SourcedDataModule):
             validation sets); ``None`` generates the arithmetic demo pairs.
         kind: ``pairs`` (prompt/chosen/rejected) or ``kto`` (prompt/completion/label).
         chat_template: as sft's: ``auto``, ``tokenizer``, ``chatml``, ``llama3``.
-        max_length: prompt + completion tokens; longer examples are an error naming file and line.
+        max_length: prompt + completion tokens.
+        too_long: a longer example is an ``error`` naming file and line (default), is ``truncate``d, or is
+            ``drop``ped (counted and reported).
+        truncation_mode: TRL's: ``keep_start`` cuts the end of the completion (then of the prompt),
+            ``keep_end`` cuts the start of the prompt (then of the completion).
         tokenizer / vocab_size: tokenizer to load, or size of the BPE trained on the data when ``None``.
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
     def __init__(self, train: Any = None, val: Any = None, kind: Literal["pairs", "kto"] = "pairs",
-                 chat_template: str = "auto", max_length: int = 256, tokenizer: str | None = None,
+                 chat_template: str = "auto", max_length: int = 256,
+                 too_long: Literal["error", "truncate", "drop"] = "error",
+                 truncation_mode: Literal["keep_start", "keep_end"] = "keep_start", tokenizer: str | None = None,
                  vocab_size: int = 512, batch_size: int = 16, num_workers: int = 0, val_fraction: float = 0.05,
                  cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
@@ -93,6 +128,7 @@ class DPODataModule(SourcedDataModule):
         if kind not in ("pairs", "kto"):
             raise DataError(f"data.kind={kind!r} is not one of: pairs, kto")
         self.kind, self.chat_template, self.max_length = kind, chat_template, max_length
+        self.too_long, self.truncation_mode = too_long, truncation_mode
         self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
         self._reference: dict[str, Preferences] = {}
 
@@ -124,19 +160,33 @@ class DPODataModule(SourcedDataModule):
         return Preferences(self._tokenize(items))
 
     def _tokenize(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        items = []
+        items, dropped = [], []
+        keys = ("chosen", "rejected") if self.kind == "pairs" else ("completion",)
         for position, row in enumerate(rows):
-            item: dict[str, Any] = {"prompt": tokenize_prompt(self.processor, row["prompt"]),
-                                    "uid": row.get("uid", position)}
-            keys = ("chosen", "rejected") if self.kind == "pairs" else ("completion",)
-            for key in keys:
-                item[key] = tokenize_completion(self.processor, row["prompt"], row[key])
-                if len(item["prompt"]) + len(item[key]) > self.max_length:
-                    raise DataError(f"prompt + {key} is {len(item['prompt']) + len(item[key])} tokens, longer than "
-                                    f"data.max_length={self.max_length}", source=row["where"])
+            prompt = tokenize_prompt(self.processor, row["prompt"])
+            item: dict[str, Any] = {"prompt": prompt, "uid": row.get("uid", position)}
+            completions = {key: tokenize_completion(self.processor, row["prompt"], row[key]) for key in keys}
+            longest = max(len(c) for c in completions.values())
+            if len(prompt) + longest > self.max_length:
+                if self.too_long == "error":
+                    key = max(completions, key=lambda k: len(completions[k]))
+                    raise DataError(f"prompt + {key} is {len(prompt) + longest} tokens, longer than data.max_length="
+                                    f"{self.max_length}", source=row["where"],
+                                    hint="raise data.max_length, or set data.too_long=truncate|drop")
+                if self.too_long == "drop":
+                    dropped.append(row["where"])
+                    continue
+                item["prompt"], completions = truncate_pair(prompt, completions, self.max_length,
+                                                            self.truncation_mode)
+            item.update(completions)
             if self.kind == "kto":
                 item["label"] = row["label"]
             items.append(item)
+        if dropped:
+            log.warning("%d example(s) longer than data.max_length=%d dropped (data.too_long=drop), first: %s",
+                        len(dropped), self.max_length, dropped[0])
+        if not items:
+            raise DataError(f"no example fits data.max_length={self.max_length}")
         return items
 
     def reference_sets(self) -> dict[str, Preferences]:
