@@ -166,9 +166,11 @@ def test_corrupt_image_and_missing_caption_name_the_file(shapes, tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image": "broken.png", "label": "circle", "caption": "a circle"}) + "\n"
                         + json.dumps({"image": str(shapes / "val/circle/00000.png"), "label": "circle"}) + "\n")
-    dm = DiffusionDataModule(train=str(manifest), val=str(manifest))
+    with pytest.raises(DataError, match=r"broken.png: unreadable image"):  # the header pass, before training
+        DiffusionDataModule(train=str(manifest), val=str(manifest)).setup()
+    dm = DiffusionDataModule(train=str(manifest), val=str(manifest), verify=False)
     dm.setup()
-    with pytest.raises(DataError, match=r"broken.png: unreadable image"):
+    with pytest.raises(DataError, match=r"broken.png: unreadable image"):  # or when it is met
         dm.train_set[0]
     with pytest.raises(DataError, match=r"m.jsonl, line 2: missing field 'caption'"):
         DiffusionDataModule(train=str(manifest), val=str(manifest), conditioning="text").setup()

@@ -252,3 +252,26 @@ def test_empty_local_model_folder_is_named_not_sent_to_the_hub(tmp_path):
             tmp_path / "run")
     assert str(empty) in str(info.value) and "empty" in str(info.value)
     assert "huggingface-cli download" not in str(info.value) + str(info.value.hint)
+
+
+@pytest.mark.parametrize("plugin", ["clip", "diffusion", "image_classification"])
+def test_missing_or_broken_images_are_found_before_training(tmp_path, plugin):
+    """The header pass (data.verify) names the file at setup; skip_bad counts it out instead."""
+    from hydra.utils import instantiate
+
+    from modalforge.data.synthetic.shapes import write_shapes
+
+    write_shapes(tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()[:24]]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows += [{**rows[0], "image": "gone.png"}, {**rows[1], "image": "broken.png"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = [f"plugin={plugin}", f"data.train={manifest}", f"data.val={manifest}", "data.batch_size=4"]
+    datamodule = instantiate(compose(base).data, _convert_="all")
+    with pytest.raises(DataError, match="gone.png: image file not found") as info:
+        datamodule.setup("fit")
+    assert "data.skip_bad=true" in info.value.hint
+    skipping = instantiate(compose([*base, "data.skip_bad=true"]).data, _convert_="all")
+    skipping.setup("fit")
+    assert len(skipping.train_set) == 24

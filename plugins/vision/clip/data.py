@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
-from modalforge.data.images import ImageRef, image_from_sample, open_image, resolve_image_path
+from modalforge.data.images import ImageRef, image_from_sample, image_problem, open_image, resolve_image_path
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.shards import webdataset_stream
 from modalforge.data.synthetic.shapes import write_shapes
+from modalforge.data.verify import verify_media
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.mixture import MixedStream
 
@@ -148,6 +149,8 @@ class CLIPDataModule(SourcedDataModule):
             Labels match ``classnames`` by name, or by index when they are integers; default: the labels
             of the validation set (a warning when those are bare numbers, which make poor prompts).
         streaming / shuffle_buffer: stream training shards instead of reading them up front.
+        verify: check every image's header before training (``null``: when the set is small enough to be
+            cheap). skip_bad: skip unreadable images (counted and reported) instead of failing.
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
@@ -156,7 +159,7 @@ class CLIPDataModule(SourcedDataModule):
                  mean: tuple = (0.48145466, 0.4578275, 0.40821073), std: tuple = (0.26862954, 0.26130258, 0.27577711),
                  context_length: int = 16, tokenizer: str | None = None, classnames: list[str] | None = None,
                  templates: list[str] | None = None, streaming: bool = False, shuffle_buffer: int = 1000,
-                 batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1, cache_dir: str | None = None,
+                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1, cache_dir: str | None = None,
                  seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
@@ -168,6 +171,7 @@ class CLIPDataModule(SourcedDataModule):
         self.classnames = list(classnames) if classnames else None
         self.templates = list(templates) if templates else ["a photo of a {}.", "a {}.", "a picture of a {}."]
         self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
+        self.verify, self.skip_bad = verify, skip_bad
 
     def synthetic_data(self) -> tuple[str, str]:
         folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "shapes-v1", write_shapes)
@@ -183,7 +187,8 @@ class CLIPDataModule(SourcedDataModule):
         pairs = [self.parse(r) for r in read_records(spec, what=what)]
         if not pairs:
             raise DataError(f"{what}: no image-caption pairs in {spec!r}")
-        return pairs
+        return verify_media(pairs, lambda p: image_problem(p.image), lambda p: p.image.describe(), what=what,
+                            verify=self.verify, skip_bad=self.skip_bad, kind="image")
 
     def _tokenizer(self):  # noqa: ANN202
         import open_clip

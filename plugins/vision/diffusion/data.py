@@ -27,10 +27,11 @@ from torch.utils.data import Dataset
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
-from modalforge.data.images import ImageRef, image_from_sample, open_image, resolve_image_path
+from modalforge.data.images import ImageRef, image_from_sample, image_problem, open_image, resolve_image_path
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.synthetic.shapes import write_shapes
+from modalforge.data.verify import verify_media
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -111,6 +112,8 @@ class DiffusionDataModule(SourcedDataModule):
         context_length: caption tokens (padded / truncated).
         tokenizer_vocab_size: vocabulary of the BPE trained when there is no tokenizer.
         cache_latents: encode the training set once with the frozen VAE and serve the latents.
+        verify: check every image's header before training (``null``: when the set is small enough to be
+            cheap). skip_bad: skip unreadable images (counted and reported) instead of failing.
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
@@ -118,7 +121,7 @@ class DiffusionDataModule(SourcedDataModule):
                  label_field: str = "label", conditioning: Conditioning = "class", image_size: int = 32,
                  random_flip: bool = False, caption_dropout: float = 0.0, tokenizer: str | None = None,
                  context_length: int = 16, tokenizer_vocab_size: int = 400, cache_latents: bool = False,
-                 batch_size: int = 32, num_workers: int = 0, val_fraction: float = 0.1,
+                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 32, num_workers: int = 0, val_fraction: float = 0.1,
                  cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
@@ -130,6 +133,7 @@ class DiffusionDataModule(SourcedDataModule):
         self.conditioning, self.image_size, self.random_flip = conditioning, int(image_size), random_flip
         self.caption_dropout, self.tokenizer_name, self.context_length = caption_dropout, tokenizer, context_length
         self.tokenizer_vocab_size, self.cache_latents = tokenizer_vocab_size, cache_latents
+        self.verify, self.skip_bad = verify, skip_bad
         self.classes: list[str] = []
         self._rng = random.Random(seed)
 
@@ -192,7 +196,8 @@ class DiffusionDataModule(SourcedDataModule):
             items = [self.parse(record) for record in read_records(spec, what=what)]
         if not items:
             raise DataError(f"{what}: no images found in {spec!r}")
-        return items
+        return verify_media(items, lambda item: image_problem(item.image), lambda item: item.image.describe(),
+                            what=what, verify=self.verify, skip_bad=self.skip_bad, kind="image")
 
     # ---- setup ------------------------------------------------------------------------
     def fit(self, train: list[Item]) -> None:
