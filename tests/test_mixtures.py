@@ -75,6 +75,14 @@ def test_mixture_resumes_exactly_mid_epoch():
     seen = [next(it).tolist() for _ in range(4)]
     counts = first.source_counts()
     assert sum(counts.values()) == 16 and counts["a"] > counts["b"]
+    assert first.source_counts() == counts  # counted once, not again
+    probe = ResumableDataLoader(mixed, batch_size=4, seed=5)
+    probe.sampler.set_epoch(1)
+    probe_it = iter(probe)
+    for _ in range(6):
+        next(probe_it)
+        running = probe.source_counts()
+    assert running == mixed.count_sources(probe.sampler.current[:24])  # incremental = counted from scratch
     resumed = ResumableDataLoader(mixed, batch_size=4, seed=5)
     resumed.load_state_dict(first.state_dict())
     resumed.sampler.set_epoch(1)

@@ -101,6 +101,7 @@ class ResumableDataLoader(DataLoader):
                          num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
                          persistent_workers=False, **kwargs)
         self.batches_yielded = 0
+        self._counted: tuple[list[int] | None, int, dict[str, int]] = (None, 0, {})
 
     def __iter__(self) -> Iterator[Any]:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
@@ -114,7 +115,15 @@ class ResumableDataLoader(DataLoader):
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         if not hasattr(self.dataset, "count_sources"):
             return None
-        return self.dataset.count_sources(sampler.current[: self.batches_yielded * int(self.batch_size or 1)])
+        # counted incrementally: a log step costs the batches since the last one, not the whole epoch so far
+        consumed = self.batches_yielded * int(self.batch_size or 1)
+        order, start, counts = getattr(self, "_counted", (None, 0, {}))
+        if order is not sampler.current or consumed < start:
+            order, start, counts = sampler.current, 0, {}
+        for name, n in self.dataset.count_sources(order[start:consumed]).items():
+            counts[name] = counts.get(name, 0) + n
+        self._counted = (order, consumed, counts)
+        return dict(counts)
 
     def state_dict(self) -> dict[str, Any]:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
