@@ -17,19 +17,7 @@ from modalforge.testing import assert_plugin_conforms
 
 from cli_helpers import FAST, series
 
-# two examples; summed log-probs of chosen/rejected under policy (p) and reference (r), and token counts (n)
-pc, pr = torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -5.5])
-rc, rr = torch.tensor([-4.5, -6.2]), torch.tensor([-4.8, -5.0])
-nc, nr = torch.tensor([2.0, 3.0]), torch.tensor([4.0, 1.0])
-B = 0.5
-
-
-def logsig(x: float) -> float:
-    return -math.log1p(math.exp(-x))
-
-
-def sig(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
+from dpo_cases import B, logsig, nc, nr, pc, pr, rc, rr, sig  # noqa: E402 - the shared hand-computed case
 
 
 def by_hand(fn):

@@ -19,19 +19,7 @@ from modalforge.errors import ModalforgeError
 from modalforge.plugins.text.dpo import divergences, losses
 from modalforge.plugins.text.dpo.objective import DPOObjective
 
-# two pairs; policy (p) and reference (r) summed log-probs of chosen (c) and rejected (r)
-pc, pr = torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -5.5])
-rc, rr = torch.tensor([-4.5, -6.2]), torch.tensor([-4.8, -5.0])
-nc, nr = torch.tensor([2.0, 3.0]), torch.tensor([4.0, 1.0])
-B = 0.5
-
-
-def logsig(x: float) -> float:
-    return -math.log1p(math.exp(-x))
-
-
-def sig(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
+from dpo_cases import B, logsig, nc, nr, pc, pr, rc, rr, sig  # noqa: E402 - the shared hand-computed case
 
 
 def by_hand(fn, n=2):
