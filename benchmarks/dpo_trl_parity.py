@@ -106,18 +106,26 @@ CASES = (
 )
 
 
-def main() -> None:
+def reference_and_trl_copies(policy):  # noqa: ANN001, ANN201 - HF causal LMs
+    """(reference, TRL's policy, TRL's reference): a reference that differs from the policy, so the
+    log-ratios are not zero, and copies of both patched with TRL's fused LM head, through which TRL scores
+    (modalforge's side keeps the plain forward)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    policy = tiny_llama(0)
     reference = copy.deepcopy(policy)
-    with torch.no_grad():  # a reference that differs from the policy, so the log-ratios are not zero
+    with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    # TRL scores through its fused LM head; patch copies so modalforge's side runs the plain forward
     trl_policy, trl_reference = copy.deepcopy(policy), copy.deepcopy(reference)
     add_fused_lm_head(trl_policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
     add_fused_lm_head(trl_reference)
+    return reference, trl_policy, trl_reference
+
+
+def main() -> None:
+
+    policy = tiny_llama(0)
+    reference, trl_policy, trl_reference = reference_and_trl_copies(policy)
     inputs = batch()
     worst = 0.0
     print(f"{'case':<72} {'TRL':>12} {'modalforge':>12} {'|diff|':>9}")

@@ -188,14 +188,10 @@ def sft_parity(root: Path, folder: Path) -> tuple[float, bool]:
 
 def dpo_parity(root: Path, folder: Path) -> dict[str, float]:
     """|TRL - modalforge| for sigmoid, IPO and hinge on one modalforge DPO batch, same reference log-probs."""
-    import copy
-
-    import torch
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from dpo_trl_parity import ours_value, trl_value  # the full family's parity lives there
-    from trl.trainer.utils import add_fused_lm_head
+    from dpo_trl_parity import ours_value, reference_and_trl_copies, trl_value  # the family's parity lives there
 
     from modalforge.config import compose
     from modalforge.run import build_components
@@ -206,13 +202,7 @@ def dpo_parity(root: Path, folder: Path) -> dict[str, float]:
     batch = next(iter(dm.train_dataloader()))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
     policy = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
-    reference = copy.deepcopy(policy)
-    with torch.no_grad():  # a reference that differs from the policy, so the log-ratios are not zero
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    trl_policy, trl_reference = copy.deepcopy(policy), copy.deepcopy(reference)
-    add_fused_lm_head(trl_policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
-    add_fused_lm_head(trl_reference)
+    reference, trl_policy, trl_reference = reference_and_trl_copies(policy)
     gaps = {}
     for name in ("sigmoid", "ipo", "hinge"):
         case = {"loss_type": [name], "beta": BETA}
