@@ -26,6 +26,8 @@ from modalforge.errors import ModalforgeError
 from modalforge.interfaces import Objective, StepOutput
 from modalforge.models import build_model
 from modalforge.plugins.vision.diffusion import losses
+from modalforge.plugins.vision.diffusion.denoisers import (base_model, block_classes_for, denoise, encode_text,
+                                                         freeze_unused, null_class)
 from modalforge.plugins.vision.diffusion.ema import EMAWeights
 from modalforge.plugins.vision.diffusion.sampling import (Sampler, build_noise_scheduler, build_sampler, make_grid,
                                                           sample_loop)
@@ -35,8 +37,7 @@ ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    module = getattr(module, "_orig_mod", module)  # torch.compile
-    return module
+    return base_model(module)  # under torch.compile and a PEFT wrapper
 
 
 class DiffusionObjective(Objective):
@@ -173,6 +174,7 @@ class DiffusionObjective(Objective):
                         "checkpoint.export_merged=false saves the adapter")
             self.ema = None
         self.denoiser = module
+        freeze_unused(module)  # after the adapter, which may have set requires_grad on everything
         if self.ema_decay is not None and self.ema is None:
             # After the adapter: under LoRA the EMA follows the LoRA weights only.
             self.ema = EMAWeights(self._trained_params(), self.ema_decay, self.ema_update_after_step)
@@ -185,6 +187,10 @@ class DiffusionObjective(Objective):
 
     def default_adapter_targets(self) -> list[str]:
         return ATTENTION_TARGETS
+
+    def block_classes(self) -> set[type[nn.Module]]:
+        """DiT's ``BasicTransformerBlock`` / SD3's ``JointTransformerBlock`` (none for a UNet)."""
+        return block_classes_for(self.model_config)
 
     def _trained_params(self) -> list[nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
@@ -218,12 +224,27 @@ class DiffusionObjective(Objective):
             return batch["latents"]
         return self._vae_encode(batch["pixel_values"]) if self.vae is not None else batch["pixel_values"]
 
-    def _condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _labels(self, labels: torch.Tensor) -> torch.Tensor:
+        # The data's null class is the index after its classes; the denoiser's may sit elsewhere (a pretrained DiT).
+        null = null_class(self.denoiser)
+        if null is None or null == len(self.classes):
+            return labels
+        return torch.where(labels == len(self.classes), torch.full_like(labels, null), labels)
+
+    @torch.no_grad()
+    def _text(self, captions: list[str], input_ids: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        states, pooled = encode_text(self.text_encoder, captions, input_ids)
+        param = next(self.denoiser.parameters())
+        return {"states": states.to(param.dtype), "pooled": pooled.to(param.dtype) if pooled is not None else None}
+
+    def _condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor | None]:
         if self.conditioning == "class":
-            return {"class_labels": batch["labels"]}
+            return {"class_labels": self._labels(batch["labels"])}
         if self.conditioning == "text":
-            with torch.no_grad():
-                return {"encoder_hidden_states": self.text_encoder(batch["input_ids"])[0]}
+            return self._text(batch["captions"], batch.get("input_ids"))
+        null = null_class(self.denoiser)
+        if null is not None:  # a class-conditional denoiser (DiT) trained unconditionally: always the null class
+            return {"class_labels": torch.full((len(batch["captions"]),), null, dtype=torch.long)}
         return {}
 
     # ---- the loss -----------------------------------------------------------------
@@ -259,7 +280,8 @@ class DiffusionObjective(Objective):
             else:
                 weights = torch.ones(n, device=x0.device)
             level = timesteps.float() / schedule.config.num_train_timesteps
-        pred = self.denoiser(noisy, timesteps, **condition).sample
+        condition = {k: (v.to(x0.device) if v is not None else None) for k, v in condition.items()}
+        pred = denoise(self.denoiser, noisy, timesteps, **condition)
         mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
         return mse * weights.float().view(-1), mse, level
 
@@ -361,11 +383,14 @@ class DiffusionObjective(Objective):
                 kwargs: dict[str, Any] = {}
                 if self.conditioning == "class":
                     kwargs["class_labels"] = torch.tensor(class_labels[start:start + count], device=param.device)
-                    kwargs["null_labels"] = torch.full((count,), len(self.classes), device=param.device)
+                    kwargs["null_labels"] = self._labels(torch.full((count,), len(self.classes), device=param.device))
                 elif self.conditioning == "text":
-                    tokenize = self.datamodule.tokenize
-                    kwargs["states"] = self.text_encoder(tokenize(prompts[start:start + count]).to(param.device))[0]
-                    kwargs["null_states"] = self.text_encoder(tokenize([""] * count).to(param.device))[0]
+                    tokenize, chunk = self.datamodule.tokenize, prompts[start:start + count]
+                    text, null = self._text(chunk, tokenize(chunk)), self._text([""] * count, tokenize([""] * count))
+                    kwargs.update(text)
+                    kwargs.update(null_states=null["states"], null_pooled=null["pooled"])
+                elif null_class(self.denoiser) is not None:
+                    kwargs["class_labels"] = torch.full((count,), null_class(self.denoiser), device=param.device)
                 x = sample_loop(self.denoiser, self.sampler, (count, channels, size, size), steps=self.sample_steps,
                                 generator=generator, guidance_scale=self.guidance_scale, **kwargs)
                 if self.vae is not None:
@@ -383,15 +408,25 @@ class DiffusionObjective(Objective):
         """A diffusers pipeline of the trained denoiser (EMA weights applied by the caller) and its helpers."""
         import copy
 
-        from diffusers import DDPMPipeline, StableDiffusionPipeline
+        from diffusers import DDPMPipeline, DiTPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+        from modalforge.plugins.vision.diffusion.denoisers import PipelinePromptEncoder
 
         denoiser = copy.deepcopy(_unwrap(self.denoiser))
         if hasattr(denoiser, "merge_and_unload"):
             denoiser = denoiser.merge_and_unload()
         scheduler = copy.deepcopy(self.sampler)
-        if self.vae is None and self.text_encoder is None:
+        kind = type(denoiser).__name__
+        if kind == "DiTTransformer2DModel" and self.vae is not None:
+            id2label = {i: name for i, name in enumerate(self.classes)} or None
+            return DiTPipeline(transformer=denoiser, vae=self.vae, scheduler=scheduler, id2label=id2label)
+        if kind == "SD3Transformer2DModel" and isinstance(self.text_encoder, PipelinePromptEncoder):
+            parts = {k: v for k, v in self.text_encoder.pipe.components.items()
+                     if k not in ("transformer", "scheduler", "vae")}
+            return StableDiffusion3Pipeline(transformer=denoiser, vae=self.vae, scheduler=scheduler, **parts)
+        if kind.startswith("UNet") and self.vae is None and self.text_encoder is None:
             return DDPMPipeline(unet=denoiser, scheduler=scheduler)
-        if self.vae is not None and self.text_encoder is not None:
+        if kind.startswith("UNet") and self.vae is not None and self.text_encoder is not None:
             return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder,
                                            tokenizer=self.datamodule.processor, unet=denoiser, scheduler=scheduler,
                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -399,8 +434,9 @@ class DiffusionObjective(Objective):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A diffusers pipeline folder: ``DDPMPipeline`` in pixel space (unconditional or class-conditional
-        UNet), ``StableDiffusionPipeline`` with a VAE and a text encoder; otherwise each component in its
-        sub-folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
+        UNet), ``StableDiffusionPipeline`` with a VAE and a text encoder, ``DiTPipeline`` (DiT with a VAE),
+        ``StableDiffusion3Pipeline`` (SD3 from a pipeline); otherwise each component in its sub-folder
+        (``unet/`` or ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with self._ema_applied():
@@ -409,11 +445,13 @@ class DiffusionObjective(Objective):
                 return
             except NotImplementedError:
                 pass
-            _unwrap(self.denoiser).save_pretrained(str(directory / "unet"))
+            denoiser = _unwrap(self.denoiser)
+            sub = "unet" if type(denoiser).__name__.startswith("UNet") else "transformer"
+            denoiser.save_pretrained(str(directory / sub))
         self.sampler.save_pretrained(str(directory / "scheduler"))
         if self.vae is not None:
             self.vae.save_pretrained(str(directory / "vae"))
-        if self.text_encoder is not None:
+        if self.text_encoder is not None and hasattr(self.text_encoder, "save_pretrained"):
             self.text_encoder.save_pretrained(str(directory / "text_encoder"))
             self.datamodule.processor.save_pretrained(str(directory / "tokenizer"))
 

@@ -65,43 +65,41 @@ def build_sampler(name: Sampler, noise_scheduler: Any, prediction: str) -> Any:
     return cls.from_config(noise_scheduler.config, prediction_type=prediction)
 
 
-def _model_kwargs(class_labels: torch.Tensor | None, states: torch.Tensor | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if class_labels is not None:
-        kwargs["class_labels"] = class_labels
-    if states is not None:
-        kwargs["encoder_hidden_states"] = states
-    return kwargs
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return torch.cat([a, b]) if a is not None and b is not None else a
 
 
 @torch.no_grad()
 def sample_loop(denoiser: nn.Module, scheduler: Any, shape: tuple[int, ...], *, steps: int,
                 generator: torch.Generator, class_labels: torch.Tensor | None = None,
                 null_labels: torch.Tensor | None = None, states: torch.Tensor | None = None,
-                null_states: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+                null_states: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                null_pooled: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
     """Denoise pure noise of ``shape`` in ``steps`` scheduler steps; returns the final sample.
 
     With ``guidance_scale != 1`` and a null condition (the null class or the empty caption's
     states), classifier-free guidance: ``uncond + scale * (cond - uncond)`` (Ho & Salimans 2022).
+    Any diffusers denoiser: :func:`~.denoisers.denoise` maps the condition onto its signature.
     """
+    from modalforge.plugins.vision.diffusion.denoisers import denoise
+
     param = next(denoiser.parameters())
     scheduler.set_timesteps(steps, device=param.device)
     x = torch.randn(shape, generator=generator, device=param.device, dtype=param.dtype)
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     guided = guidance_scale != 1.0 and (null_labels is not None or null_states is not None)
+    condition = {"class_labels": class_labels, "states": states, "pooled": pooled}
     if guided:
-        labels = torch.cat([class_labels, null_labels]) if class_labels is not None else None
-        both = torch.cat([states, null_states]) if states is not None else None
+        condition = {"class_labels": _cat(class_labels, null_labels), "states": _cat(states, null_states),
+                     "pooled": _cat(pooled, null_pooled)}
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
         if hasattr(scheduler, "scale_model_input"):
             model_in = scheduler.scale_model_input(model_in, t)
+        out = denoise(denoiser, model_in, t, **condition)
         if guided:
-            out = denoiser(model_in, t, **_model_kwargs(labels, both)).sample
             cond, uncond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
-        else:
-            out = denoiser(model_in, t, **_model_kwargs(class_labels, states)).sample
         x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x
 

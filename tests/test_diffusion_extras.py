@@ -1,0 +1,136 @@
+"""diffusion beyond the UNet: DiT / SD3 transformers, diffusers-format LoRA, DreamBooth prior
+preservation, a clip run's text tower and an image_classification / clip run as FID features,
+and sampling on rank zero only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from modalforge.config import compose
+from modalforge.run import run
+from modalforge.testing import assert_plugin_conforms
+
+from cli_helpers import FAST
+
+pytest.importorskip("diffusers")
+
+QUICK = ["data.batch_size=8", "optim.warmup_steps=0", "objective.sample_steps=2", "objective.eval_samples_per_class=2",
+         "objective.fid_real_images=16"]
+# a 2-layer transformer keeps each run to a few seconds
+TINY_T = ["model.transformer.num_layers=2", "model.transformer.num_attention_heads=2",
+          "model.transformer.attention_head_dim=16"]
+
+
+# ---- transformer denoisers -------------------------------------------------------------------
+def test_dit_from_config_learns_and_names_its_blocks(tmp_path):
+    from diffusers.models.attention import BasicTransformerBlock
+
+    report = assert_plugin_conforms("diffusion", tmp_path, [*QUICK, "model=diffusion/dit_tiny", *TINY_T,
+                                                            "optim.lr=1e-3", "objective.ema_decay=null"], steps=8)
+    assert any("emb.class_embedder" in n for n in report.changed)  # the class embedding learns
+    from modalforge.plugins.vision.diffusion.denoisers import block_classes_for
+
+    assert block_classes_for({"denoiser": "dit"}) == {BasicTransformerBlock}
+
+
+def test_sd3_from_config_learns_with_flow_and_pooled_text(tmp_path):
+    from diffusers.models.attention import JointTransformerBlock
+
+    report = assert_plugin_conforms("diffusion", tmp_path, [*QUICK, "model=diffusion/sd3_tiny", *TINY_T,
+                                                            "objective.conditioning=text", "objective.prediction=flow",
+                                                            "objective.ema_decay=null", "optim.lr=1e-3"], steps=8)
+    assert any("time_text_embed.text_embedder" in n for n in report.changed)  # the pooled projection learns
+    assert any("context_embedder" in n for n in report.changed)  # the token states' projection learns
+    from modalforge.plugins.vision.diffusion.denoisers import block_classes_for
+
+    assert block_classes_for({"denoiser": "sd3"}) == {JointTransformerBlock}
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16],
+                         layers_per_block=1, norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, shift_factor=0.0)
+
+
+def _tiny_tokenizer(tmp_path: Path):
+    from modalforge.data.tokenizers import cached_bpe
+
+    tokenizer = cached_bpe(["a red circle", "a blue square on the left", "a small green ring"], 300,
+                           cache_dir=tmp_path / "tok")
+    tokenizer.model_max_length = 16
+    return tokenizer
+
+
+def _tiny_clip(tokenizer, hidden: int, projection: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=16, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=2, projection_dim=projection, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+def _pretrained_run(tmp_path: Path, folder: Path, *extra: str):
+    cfg = compose(["plugin=diffusion", *FAST, *QUICK, "model=diffusion/pretrained", f"model.name_or_path={folder}",
+                   "objective.eval_samples_per_class=0", "objective.ema_decay=null", "trainer.max_steps=3",
+                   "trainer.limit_val_batches=0", "callbacks=none", *extra])
+    return run(cfg, tmp_path / "run")
+
+
+def test_dit_pipeline_folder_trains_and_exports_a_dit_pipeline(tmp_path):
+    from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    # learn_sigma as the released DiT: 2x latent channels out; 10 classes, more than the data's 6
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10)
+    DiTPipeline(transformer=dit, vae=_tiny_vae(), scheduler=DDPMScheduler()).save_pretrained(str(tmp_path / "dit"))
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    trainer, module, _ = _pretrained_run(tmp_path, tmp_path / "dit")
+    objective = module.objective
+    assert type(objective.denoiser).__name__ == "DiTTransformer2DModel" and objective.vae is not None
+    assert objective.block_classes() and next(iter(objective.block_classes())).__name__ == "BasicTransformerBlock"
+    # the data's null class (6) is mapped onto DiT's own null embedding (10)
+    assert objective._labels(torch.tensor([0, 6])).tolist() == [0, 10]
+    after = objective.denoiser.state_dict()
+    assert any(not torch.equal(before[k], after[k].cpu()) for k in before)
+    pipe = DiTPipeline.from_pretrained(str(tmp_path / "run" / "final"))
+    # guidance_scale=1: DiTPipeline hard-codes the null class 1000 (the released ImageNet DiT) for guidance
+    image = pipe(class_labels=[1], guidance_scale=1.0, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_sd3_pipeline_folder_trains_through_its_prompt_encoder(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer(tmp_path)
+    # two CLIPs (hidden 32 + 32 -> joint 64; projections 16 + 16 -> pooled 32), no T5, as SD3 without text_encoder_3
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=_tiny_vae(), text_encoder=_tiny_clip(tokenizer, 32, 16), tokenizer=tokenizer,
+                                    text_encoder_2=_tiny_clip(tokenizer, 32, 16), tokenizer_2=tokenizer,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(tmp_path / "sd3"))
+    trainer, module, _ = _pretrained_run(tmp_path, tmp_path / "sd3", "objective.conditioning=text",
+                                         "objective.prediction=flow", "objective.timestep_sampling=logit_normal")
+    objective = module.objective
+    assert type(objective.text_encoder).__name__ == "PipelinePromptEncoder"
+    assert not any(p.requires_grad for p in objective.text_encoder.parameters())
+    states, pooled = objective.text_encoder(["a red circle"])
+    assert states.shape[-1] == 64 and pooled.shape == (1, 32)
+    # plain diffusers, loading an SD3 pipeline without its T5 as diffusers documents it
+    final = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "run" / "final"), text_encoder_3=None,
+                                                     tokenizer_3=None)
+    out = final(
+        "a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+        generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3)
