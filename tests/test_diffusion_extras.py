@@ -134,3 +134,59 @@ def test_sd3_pipeline_folder_trains_through_its_prompt_encoder(tmp_path):
         "a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
         generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 32, 32, 3)
+
+
+def _tiny_sd_pipeline(tmp_path: Path) -> Path:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer(tmp_path)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=16, hidden_size=32,
+                                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[16, 32],
+                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+                                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(tmp_path / "sd"))
+    return tmp_path / "sd"
+
+
+# ---- LoRA in load_lora_weights format ------------------------------------------------------
+def test_lora_export_loads_with_plain_diffusers_load_lora_weights(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    base_dir = _tiny_sd_pipeline(tmp_path)
+    _pretrained_run(tmp_path, base_dir, "adapter=lora", "objective.conditioning=text", "optim.lr=1e-2",
+                    "objective.ema_decay=0.5")
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").exists()  # the PEFT adapter, as every plugin writes it
+    keys = load_file(str(final / "pytorch_lora_weights.safetensors")).keys()
+    assert keys and all(k.startswith("unet.") and ("lora.down" in k or "lora.up" in k) for k in keys)
+
+    def image(pipe):
+        return pipe("a red circle", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_dir))
+    base = image(pipe)
+    pipe.load_lora_weights(str(final))  # plain diffusers, as for any DreamBooth LoRA
+    config = next(iter(pipe.unet.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (8, 16)  # the metadata keeps alpha (scale alpha / r = 2)
+    tuned = image(pipe)
+    assert base.shape == tuned.shape == (1, 32, 32, 3)
+    assert abs(base - tuned).max() > 1e-3
+    # and it is the LoRA that was trained: the same UNet output as the PEFT adapter of final/
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    peft_unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(str(base_dir / "unet")), str(final))
+    x, t, states = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=states).sample,
+                                   peft_unet(x, t, encoder_hidden_states=states).sample, rtol=1e-4, atol=1e-5)

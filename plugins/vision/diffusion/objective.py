@@ -456,8 +456,11 @@ class DiffusionObjective(Objective):
             self.datamodule.processor.save_pretrained(str(directory / "tokenizer"))
 
     def save_artifacts(self, directory: str | Path) -> None:
-        """``labels.json`` (class index -> name; the null class of guidance is the index after the last)
-        and the last validation grid as ``samples.png``."""
+        """``labels.json`` (class index -> name; the null class of guidance is the index after the last),
+        the last validation grid as ``samples.png``, and, beside an unmerged LoRA adapter, the same
+        LoRA (EMA weights when on) as ``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights``."""
+        from modalforge.plugins.vision.diffusion.lora_export import is_peft, save_diffusers_lora
+
         directory = Path(directory)
         if self.conditioning == "class":
             (directory / "labels.json").write_text(json.dumps(self.classes, indent=1))
@@ -465,3 +468,12 @@ class DiffusionObjective(Objective):
             from torchvision.utils import save_image
 
             save_image(self._grid, str(directory / "samples.png"))
+        denoiser = getattr(self.denoiser, "_orig_mod", self.denoiser)
+        if is_peft(denoiser) and (directory / "adapter_config.json").exists():
+            with self._ema_applied():
+                if self.ema is not None:
+                    denoiser.save_pretrained(str(directory))  # the PEFT adapter again, with the EMA weights
+                written = save_diffusers_lora(denoiser, directory)
+            if written is None:
+                log.info("diffusion: no diffusers LoRA loader for %s; final/ holds the PEFT adapter only",
+                         type(denoiser.get_base_model()).__name__)
