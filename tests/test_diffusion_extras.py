@@ -190,3 +190,62 @@ def test_lora_export_loads_with_plain_diffusers_load_lora_weights(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=states).sample,
                                    peft_unet(x, t, encoder_hidden_states=states).sample, rtol=1e-4, atol=1e-5)
+
+
+# ---- DreamBooth prior preservation ---------------------------------------------------------
+def test_prior_loss_is_train_dreambooth_formula():
+    import torch.nn.functional as F
+
+    from modalforge.plugins.vision.diffusion import losses
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(6, 3, 4, 4, generator=g), torch.randn(6, 3, 4, 4, generator=g)
+    snr_weights = torch.tensor([0.2, 1.0, 0.7, 1.0, 1.0, 1.0])  # instance examples weighted, as with --snr_gamma
+    mse = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    loss, instance, prior = losses.prior_preservation_loss(mse * snr_weights, mse, 3, 0.5)
+    # diffusers/examples/dreambooth/train_dreambooth.py, with_prior_preservation
+    model_pred, model_pred_prior = torch.chunk(pred, 2, dim=0)
+    target_i, target_prior = torch.chunk(target, 2, dim=0)
+    script = F.mse_loss(model_pred.float(), target_i.float(), reduction="none").mean(dim=(1, 2, 3)) * snr_weights[:3]
+    script_prior = F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
+    torch.testing.assert_close(prior, script_prior)
+    torch.testing.assert_close(loss, script.mean() + 0.5 * script_prior)
+    # without weighting the instance term is the script's plain F.mse_loss(..., reduction="mean")
+    plain, _, _ = losses.prior_preservation_loss(mse, mse, 3, 1.0)
+    torch.testing.assert_close(plain, F.mse_loss(model_pred, target_i) + F.mse_loss(model_pred_prior, target_prior))
+
+
+def test_given_class_images_are_not_regenerated(tmp_path):
+    from modalforge.plugins.vision.diffusion.prior import ClassImages, ensure_class_images
+
+    made = ensure_class_images(tmp_path / "class", 3, lambda n: torch.rand(n, 3, 8, 8))
+    assert [p.name for p in made] == ["class_00000.png", "class_00001.png", "class_00002.png"]
+
+    def refuse(n):
+        raise AssertionError("given class images must be used as they are")
+
+    assert ensure_class_images(tmp_path / "class", 2, refuse) == made[:2]
+    images = ClassImages(made, 16)
+    first, second = images.take(2), images.take(2)  # in turn, wrapping around
+    assert first.shape == (2, 3, 16, 16) and torch.equal(second[1], first[0])
+    from modalforge.errors import ModalforgeError
+    from modalforge.plugins.vision.diffusion.objective import DiffusionObjective
+
+    with pytest.raises(ModalforgeError, match="needs objective.class_prompt"):
+        DiffusionObjective(conditioning="text", prior_loss_weight=1.0, class_data_dir=str(tmp_path))
+    with pytest.raises(ModalforgeError, match="needs objective.conditioning=text"):
+        DiffusionObjective(conditioning="class", prior_loss_weight=1.0)
+
+
+def test_dreambooth_run_generates_class_images_and_logs_the_prior_loss(tmp_path):
+    from cli_helpers import series
+
+    base_dir = _tiny_sd_pipeline(tmp_path)
+    trainer, module, _ = _pretrained_run(
+        tmp_path, base_dir, "adapter=lora", "objective.conditioning=text", "objective.prior_loss_weight=1.0",
+        "objective.class_prompt='a shape'", f"objective.class_data_dir={tmp_path / 'class'}",
+        "objective.num_class_images=3", "objective.sample_steps=2")
+    assert len(list((tmp_path / "class").glob("*.png"))) == 3
+    prior = series(tmp_path / "run", "train/prior_loss")
+    assert prior and all(v > 0 for v in prior.values())
+    assert series(tmp_path / "run", "train/instance_loss")

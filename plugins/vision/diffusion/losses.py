@@ -88,3 +88,21 @@ def flow_weights(scheme: Literal["none", "sigma_sqrt", "cosmap"], sigmas: torch.
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     return compute_loss_weighting_for_sd3(scheme, sigmas)
+
+
+def prior_preservation_loss(weighted: torch.Tensor, mse: torch.Tensor, n_instance: int,
+                            prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DreamBooth's loss (Ruiz et al. 2023) as diffusers' ``train_dreambooth.py`` computes it.
+
+    The batch holds the instance examples, then as many class examples (the script's
+    ``torch.chunk(model_pred, 2)``). The instance loss is the (optionally min-SNR weighted) mean
+    MSE of the first half, the prior loss the plain mean MSE of the second, and
+    ``loss = instance + prior_loss_weight * prior``. Per-example means averaged equal the script's
+    ``F.mse_loss(..., reduction="mean")``, every example having the same number of elements.
+
+    Returns:
+        (loss, instance loss, prior loss).
+    """
+    instance = weighted[:n_instance].mean()
+    prior = mse[n_instance:].mean()
+    return instance + prior_loss_weight * prior, instance, prior
