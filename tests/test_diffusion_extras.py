@@ -249,3 +249,58 @@ def test_dreambooth_run_generates_class_images_and_logs_the_prior_loss(tmp_path)
     prior = series(tmp_path / "run", "train/prior_loss")
     assert prior and all(v > 0 for v in prior.values())
     assert series(tmp_path / "run", "train/instance_loss")
+
+
+# ---- other runs' final/ as frozen helpers ---------------------------------------------------
+@pytest.fixture(scope="module")
+def clip_final(tmp_path_factory) -> Path:
+    """A clip run's final/ after a few steps of the clip plugin's tiny default (context length 16)."""
+    folder = tmp_path_factory.mktemp("clip")
+    run(compose(["plugin=clip", *FAST, "data.batch_size=16", "optim.warmup_steps=0", "trainer.max_steps=3",
+                 "trainer.limit_val_batches=0", "callbacks=none"]), folder)
+    return folder / "final"
+
+
+@pytest.fixture(scope="module")
+def classifier_final(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("classifier")
+    run(compose(["plugin=image_classification", *FAST, "data.batch_size=16", "optim.warmup_steps=0",
+                 "data.augment=none", "trainer.max_steps=2", "trainer.limit_val_batches=0", "callbacks=none"]), folder)
+    return folder / "final"
+
+
+def test_clip_text_tower_as_the_text_encoder_and_clip_fid_features(tmp_path, clip_final):
+    from cli_helpers import series
+    from modalforge.plugins.vision.diffusion.clip_towers import OpenClipTokenizer, OpenClipTextTower, load_clip_run
+
+    cfg = compose(["plugin=diffusion", *FAST, *QUICK, "objective.conditioning=text", "objective.ema_decay=null",
+                   f"model.text_encoder.name_or_path={clip_final}", f"objective.fid_features={clip_final}",
+                   "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                   "callbacks=none"])
+    trainer, module, dm = run(cfg, tmp_path / "run")
+    tower = module.objective.text_encoder
+    assert isinstance(tower, OpenClipTextTower) and isinstance(dm.processor, OpenClipTokenizer)
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert module.objective.fid_kind == "clip" and series(tmp_path / "run", "val/fid")
+    # the tower is the clip run's: its pooled output is open_clip's encode_text of the same tokens
+    clip, _, _ = load_clip_run(clip_final, "test")
+    ids = dm.tokenize(["a small red circle on the left", "a big blue square"])
+    with torch.no_grad():
+        out = tower.cpu()(ids)
+        torch.testing.assert_close(out.text_embeds, clip.encode_text(ids))
+    assert out.last_hidden_state.shape == (2, ids.shape[1], tower.config.hidden_size)
+
+
+def test_image_classification_run_as_fid_features(classifier_final):
+    from modalforge.plugins.vision.diffusion.metrics import build_fid_kid, fid_feature_network
+
+    feature, kind = fid_feature_network(str(classifier_final))
+    assert kind == "classifier"
+    metrics = build_fid_kid(feature, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(8, 3, 32, 32, generator=g), torch.rand(8, 3, 32, 32, generator=g) * 0.5
+    for name in ("fid", "kid"):
+        metrics[name].update(real, real=True)
+        metrics[name].update(fake, real=False)
+    fid, (kid, _) = metrics["fid"].compute(), metrics["kid"].compute()
+    assert torch.isfinite(fid) and fid > 0 and torch.isfinite(kid)

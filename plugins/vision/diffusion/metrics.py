@@ -135,7 +135,8 @@ def fid_feature_network(spec: str, seed: int = 0) -> tuple[nn.Module | int, str]
     """The ``feature`` argument of torchmetrics' FID / KID and a short name of it, from ``objective.fid_features``.
 
     ``auto``: Inception when available locally, else random conv features; ``inception``;
-    ``random``; or a path to an ``image_classification`` run's ``final/``.
+    ``random``; or a path to an ``image_classification`` run's ``final/`` (its penultimate
+    features) or a ``clip`` run's ``final/`` (its image embedding).
     """
     if spec == "auto":
         spec = "inception" if inception_available() else "random"
@@ -150,6 +151,10 @@ def fid_feature_network(spec: str, seed: int = 0) -> tuple[nn.Module | int, str]
         return 2048, "inception"
     if spec == "random":
         return RandomConvFeatures(seed), "random"
+    from modalforge.plugins.vision.diffusion.clip_towers import OpenClipImageFeatures, is_clip_run
+
+    if is_clip_run(spec):
+        return OpenClipImageFeatures(spec), "clip"
     return load_classifier(spec, "objective.fid_features"), "classifier"
 
 

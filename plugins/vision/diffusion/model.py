@@ -125,6 +125,36 @@ def build_text_encoder(config: dict[str, Any] | None, vocab_size: int | None, co
                               **special, **settings))
 
 
+def text_encoder_for(config: dict[str, Any] | None, vocab_size: int | None, context_length: int,
+                     tokenizer: Any = None, with_projection: bool = False) -> tuple[nn.Module, Any]:
+    """The frozen text encoder and, when it brings one, its tokenizer (``None``: the data's).
+
+    ``model.text_encoder.name_or_path`` names a ``clip`` run's ``final/`` (its text tower and
+    open_clip tokenizer) or a ``transformers`` CLIP text model folder (a pipeline's
+    ``text_encoder/``, with the ``tokenizer/`` beside it); otherwise one is built from the config.
+    """
+    cfg = dict(config or {})
+    source = cfg.pop("name_or_path", None)
+    if not source:
+        return build_text_encoder(cfg, vocab_size, context_length, tokenizer, with_projection), None
+    from modalforge.plugins.vision.diffusion.clip_towers import is_clip_run, load_text_tower
+
+    if is_clip_run(source):
+        return load_text_tower(source)
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(source).expanduser()
+    if (folder / "text_encoder" / "config.json").exists():
+        folder = folder / "text_encoder"
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    try:
+        encoder = cls.from_pretrained(str(folder))
+        tok_folder = folder.parent / "tokenizer" if (folder.parent / "tokenizer").is_dir() else folder
+        return encoder, AutoTokenizer.from_pretrained(str(tok_folder))
+    except Exception as err:  # noqa: BLE001
+        raise offline_hint(str(source), err, what="text encoder (model.text_encoder.name_or_path)") from err
+
+
 def load_pipeline(name_or_path: str) -> Any:
     """A diffusers pipeline from a local folder (which must hold ``model_index.json``) or a hub id."""
     from diffusers import DiffusionPipeline
@@ -166,7 +196,8 @@ def build_diffusion(name_or_path: str | None = None, denoiser: DenoiserKind = "u
         transformer: ``DiTTransformer2DModel`` / ``SD3Transformer2DModel`` arguments (sizes, layers,
             patch size); the input size, channels, classes and text widths come from the data.
         vae: ``AutoencoderKL`` arguments, or ``{name_or_path: <folder>}``; ``None``: pixel space.
-        text_encoder: ``CLIPTextConfig`` arguments for text conditioning.
+        text_encoder: ``CLIPTextConfig`` arguments for text conditioning, or ``{name_or_path: <folder>}``:
+            a ``clip`` run's ``final/`` (its text tower) or a ``transformers`` CLIP text model folder.
         image_size, num_classes, conditioning, vocab_size, context_length, tokenizer: from the data (hints).
     """
     if name_or_path:
@@ -191,10 +222,10 @@ def build_diffusion(name_or_path: str | None = None, denoiser: DenoiserKind = "u
     settings.setdefault("up_block_types", up)
     common = {"sample_size": size, "in_channels": channels, "out_channels": channels}
     if conditioning == "text":
-        encoder = build_text_encoder(text_encoder, vocab_size, context_length, tokenizer)
+        encoder, text_tokenizer = text_encoder_for(text_encoder, vocab_size, context_length, tokenizer)
         settings.setdefault("attention_head_dim", 8)
         denoiser_model = UNet2DConditionModel(**common, cross_attention_dim=encoder.config.hidden_size, **settings)
-        return DiffusionModels(denoiser_model, vae=vae_model, text_encoder=encoder)
+        return DiffusionModels(denoiser_model, vae=vae_model, text_encoder=encoder, tokenizer=text_tokenizer)
     if conditioning == "class":
         if num_classes < 1:
             raise ModalforgeError("objective.conditioning=class needs labelled data (data.label_field); none found")
@@ -209,14 +240,15 @@ def _transformer_models(kind: DenoiserKind, transformer: dict[str, Any] | None, 
     settings = dict(transformer or {})
     check_resolution(image_size, vae_model, multiple=int(settings.get("patch_size", 2)),
                      what=f"model.transformer ({kind})")
-    encoder = None
+    encoder, text_tokenizer = None, None
     if kind == "sd3" and conditioning == "text":
-        encoder = build_text_encoder(text_encoder, vocab_size, context_length, tokenizer, with_projection=True)
+        encoder, text_tokenizer = text_encoder_for(text_encoder, vocab_size, context_length, tokenizer,
+                                                   with_projection=True)
     denoiser = build_transformer(kind, settings, sample_size=image_size // vae_scale_factor(vae_model),
                                  channels=channels, conditioning=conditioning, num_classes=num_classes,
                                  text_dim=encoder.config.hidden_size if encoder is not None else None,
                                  pooled_dim=encoder.config.projection_dim if encoder is not None else None)
-    return DiffusionModels(denoiser, vae=vae_model, text_encoder=encoder)
+    return DiffusionModels(denoiser, vae=vae_model, text_encoder=encoder, tokenizer=text_tokenizer)
 
 
 def _from_pipeline(name_or_path: str, image_size: int, conditioning: str) -> DiffusionModels:

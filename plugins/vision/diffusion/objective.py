@@ -65,7 +65,7 @@ class DiffusionObjective(Objective):
         eval_samples_per_class: samples per class (class conditioning; otherwise the grid holds this
             number squared) generated at each validation; 0 disables sampling, FID/KID and accuracy.
         timestep_buckets: validation loss is also logged per bucket of timesteps.
-        fid_features: ``auto``, ``inception``, ``random``, ``none`` or an image_classification ``final/``.
+        fid_features: ``auto``, ``inception``, ``random``, ``none``, or an image_classification or clip ``final/``.
         fid_real_images: validation images in the FID / KID reference set.
         eval_classifier: an image_classification run's ``final/``: logs ``sample_class_acc``.
         prior_loss_weight: DreamBooth prior preservation (> 0 turns it on; 1.0 in the paper): each
@@ -480,7 +480,9 @@ class DiffusionObjective(Objective):
             return StableDiffusion3Pipeline(transformer=denoiser, vae=self.vae, scheduler=scheduler, **parts)
         if kind.startswith("UNet") and self.vae is None and self.text_encoder is None:
             return DDPMPipeline(unet=denoiser, scheduler=scheduler)
-        if kind.startswith("UNet") and self.vae is not None and self.text_encoder is not None:
+        from transformers import PreTrainedModel
+
+        if kind.startswith("UNet") and self.vae is not None and isinstance(self.text_encoder, PreTrainedModel):
             return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder,
                                            tokenizer=self.datamodule.processor, unet=denoiser, scheduler=scheduler,
                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
