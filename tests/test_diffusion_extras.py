@@ -304,3 +304,39 @@ def test_image_classification_run_as_fid_features(classifier_final):
         metrics[name].update(fake, real=False)
     fid, (kid, _) = metrics["fid"].compute(), metrics["kid"].compute()
     assert torch.isfinite(fid) and fid > 0 and torch.isfinite(kid)
+
+
+# ---- DDP: rank zero samples ---------------------------------------------------------------
+def test_under_ddp_only_rank_zero_samples_and_the_others_receive_its_figures():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from modalforge.plugins.vision.diffusion.metrics import build_fid_kid
+    from modalforge.plugins.vision.diffusion.objective import DiffusionObjective
+
+    sent = []
+
+    def run_rank(rank: int, strategy) -> tuple[dict, int]:
+        objective = DiffusionObjective(eval_samples_per_class=2)
+        calls = []
+        objective._sample_metrics = lambda: calls.append(rank) or {"fid": 3.0, "sample_class_acc": 0.5}
+
+        def broadcast(obj, src=0):  # rank zero's object reaches every rank
+            if rank == 0:
+                sent.append(obj)
+            return sent[-1]
+
+        strategy.broadcast = broadcast
+        trainer = SimpleNamespace(world_size=2, is_global_zero=rank == 0, strategy=strategy, sanity_checking=False)
+        objective.datamodule = SimpleNamespace(trainer=trainer)
+        return objective.validation_epoch_metrics(), len(calls)
+
+    assert run_rank(0, DDPStrategy()) == ({"fid": 3.0, "sample_class_acc": 0.5}, 1)
+    assert run_rank(1, DDPStrategy()) == ({"fid": 3.0, "sample_class_acc": 0.5}, 0)  # no sampling, same figures
+    # a sharded model needs every rank in each forward: all ranks sample
+    assert run_rank(1, FSDPStrategy())[1] == 1
+    # and the FID / KID of rank zero never wait for a cross-rank sync
+    from modalforge.plugins.vision.diffusion.metrics import RandomConvFeatures
+
+    assert not any(m.sync_on_compute for m in build_fid_kid(RandomConvFeatures(), 4, 4).values())

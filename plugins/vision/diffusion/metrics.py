@@ -164,6 +164,8 @@ def build_fid_kid(feature: nn.Module | int, num_fake: int, num_real: int) -> dic
     from torchmetrics.image.kid import KernelInceptionDistance
 
     subset = max(2, min(num_fake, num_real, 100))
-    return {"fid": FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False),
+    # sync_on_compute=False: under DDP only rank zero samples and scores (the others would never join a sync).
+    return {"fid": FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False,
+                                            sync_on_compute=False),
             "kid": KernelInceptionDistance(feature=feature, subset_size=subset, subsets=20, normalize=True,
-                                           reset_real_features=False)}
+                                           reset_real_features=False, sync_on_compute=False)}

@@ -377,10 +377,31 @@ class DiffusionObjective(Objective):
         self._buckets, self._val_batches = [], 0
         if self.eval_samples_per_class <= 0 or self._sanity_checking():
             return metrics
+        trainer = getattr(self.datamodule, "trainer", None)
+        if self._rank_zero_sampling(trainer):
+            # DDP: every rank holds the same weights, so rank zero samples and scores the grid and the
+            # others receive its figures (each rank logs them; the mean over ranks is the same value).
+            sampled = self._sample_metrics() if trainer.is_global_zero else None
+            metrics.update(trainer.strategy.broadcast(sampled, src=0))
+        else:
+            metrics.update(self._sample_metrics())
+        return metrics
+
+    @staticmethod
+    def _rank_zero_sampling(trainer: Any) -> bool:
+        """Several DDP processes. Sharded strategies (FSDP, DeepSpeed) need every rank in each forward."""
+        if trainer is None or int(getattr(trainer, "world_size", 1)) <= 1:
+            return False
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+        return isinstance(trainer.strategy, DDPStrategy) and not isinstance(trainer.strategy, DeepSpeedStrategy)
+
+    def _sample_metrics(self) -> dict[str, float]:
+        """Sample the fixed grid (kept for ``sample_images``) and score it: FID / KID, sample class accuracy."""
         images, requested = self.generate()
         rows = len(self.classes) if self.conditioning == "class" else self.eval_samples_per_class
         self._grid = make_grid(images, rows)
-        metrics.update(self._fid_kid(images))
+        metrics = {k: float(v) for k, v in self._fid_kid(images).items()}
         if self.classifier is not None:
             predicted = self.classifier.logits(images.to(next(self.classifier.parameters()).device)).argmax(-1)
             names = [self.classifier.labels[int(i)] for i in predicted]
