@@ -3,8 +3,15 @@
 RL can only improve what a policy already does sometimes: a random tiny model never
 answers "What is 3 plus 4?" with "7", so every reward would be 0 and every advantage too.
 This builder trains one (a plain supervised loop on the demo conversations, answer tokens
-only) until it answers a fair share right, saves it with its tokenizer under the modalforge
-cache (``grpo/arithmetic-policy-<settings hash>``) and loads it from there on later runs.
+only), saves it with its tokenizer under the modalforge cache
+(``grpo/arithmetic-policy-<settings hash>``) and loads it from there on later runs.
+
+The demonstrations are imperfect on purpose: a share ``label_noise`` of the SFT answers is
+off by one (answer + 1), a systematic error such as a policy distilled from a weaker teacher
+carries. The warm-started policy then samples the right answer often but does not prefer it,
+which is what RL with a verifier (the exact-match reward) fixes within minutes. On clean
+demonstrations the tiny policy's errors are facts it has not memorised, and RL on so small a
+model moves greedy accuracy too slowly to show in a demo (measured: see the README).
 A plain loop rather than ``train plugin=sft``: it runs inside another run's model building,
 without a second Trainer, loggers or run directory.
 """
@@ -43,9 +50,22 @@ def _batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_i
             yield ids, mask, labels
 
 
+def noisy_answers(conversations: list[list[dict[str, Any]]], share: float, seed: int) -> list[list[dict[str, Any]]]:
+    """The conversations with the assistant's answer replaced by answer + 1 in a ``share`` of them (seeded)."""
+    rng = random.Random(seed)
+    out = []
+    for messages in conversations:
+        *head, last = messages
+        if rng.random() < share:
+            last = {**last, "content": str(int(last["content"]) + 1)}
+        out.append([*head, last])
+    return out
+
+
 def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int, lr: float, batch_size: int,
-                            vocab_size: int, cache_dir: str | None, seed: int) -> None:
-    """SFT a tiny model on the demo conversations and ``save_pretrained`` it (and its tokenizer) to ``folder``."""
+                            vocab_size: int, cache_dir: str | None, seed: int, label_noise: float = 0.0) -> None:
+    """SFT a tiny model on the demo conversations (a ``label_noise`` share answered off by one) and
+    ``save_pretrained`` it (and its tokenizer, built on the clean conversations) to ``folder``."""
     from modalforge.plugins.text.causal_lm.model import build_causal_lm
     from modalforge.plugins.text.grpo.data import arithmetic_conversations, arithmetic_tokenizer
 
@@ -56,7 +76,7 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
         model = build_causal_lm(config=dict(config), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         examples = []
-        for messages in arithmetic_conversations(cache_dir):
+        for messages in noisy_answers(arithmetic_conversations(cache_dir), label_noise, seed):
             tok = tokenize_conversation(tokenizer, messages)
             examples.append((tok.input_ids, tok.labels))
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -68,6 +88,7 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
             ids, mask, labels = next(batches)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
             loss.backward()
+            loss = loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
@@ -75,7 +96,8 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     seconds = time.perf_counter() - start
-    (folder / "warmstart.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss), "seconds": seconds}))
+    (folder / "warmstart.json").write_text(json.dumps({"steps": steps, "label_noise": label_noise,
+                                                       "final_loss": float(loss), "seconds": seconds}))
     log.warning("grpo: built the arithmetic policy by SFT in %.0f s (%d steps, final loss %.3f); cached in %s",
                 seconds, steps, float(loss), folder.parent)
 
@@ -97,10 +119,11 @@ def _plain_torch():
 
 
 def arithmetic_policy_dir(config: dict[str, Any], steps: int = 300, lr: float = 3e-3, batch_size: int = 64,
-                          vocab_size: int = 512, cache_dir: str | None = None, seed: int = 0) -> Path:
+                          vocab_size: int = 512, cache_dir: str | None = None, seed: int = 0,
+                          label_noise: float = 0.6) -> Path:
     """The cached folder of the SFT'd arithmetic policy (model + tokenizer), built on first use."""
     settings = json.dumps({"config": config, "steps": steps, "lr": lr, "batch_size": batch_size,
-                           "vocab_size": vocab_size, "seed": seed, "v": 1}, sort_keys=True)
+                           "vocab_size": vocab_size, "seed": seed, "label_noise": label_noise, "v": 2}, sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
     folder = cache_root(cache_dir) / "grpo" / f"arithmetic-policy-{digest}"
     if folder.exists():
@@ -108,12 +131,12 @@ def arithmetic_policy_dir(config: dict[str, Any], steps: int = 300, lr: float = 
     with _plain_torch():
         return ensure_built(folder, lambda tmp: train_arithmetic_policy(
             tmp, config=config, steps=steps, lr=lr, batch_size=batch_size, vocab_size=vocab_size,
-            cache_dir=cache_dir, seed=seed))
+            cache_dir=cache_dir, seed=seed, label_noise=label_noise))
 
 
 def build_arithmetic_policy(config: dict[str, Any], sft_steps: int = 300, sft_lr: float = 3e-3,
                             sft_batch_size: int = 64, vocab_size: int = 512, cache_dir: str | None = None,
-                            seed: int = 0):  # noqa: ANN201 - a transformers model
+                            seed: int = 0, sft_label_noise: float = 0.6):  # noqa: ANN201 - a transformers model
     """Model builder (``model._target_``) of the offline default: the cached SFT'd arithmetic policy.
 
     Args:
@@ -122,8 +145,10 @@ def build_arithmetic_policy(config: dict[str, Any], sft_steps: int = 300, sft_lr
         vocab_size: size of its BPE tokenizer (must match ``data.vocab_size``).
         cache_dir: the modalforge cache.
         seed: initialisation and data order of the warm start.
+        sft_label_noise: share of the SFT answers that are off by one (the error RL then corrects; 0: clean).
     """
     from transformers import AutoModelForCausalLM
 
-    folder = arithmetic_policy_dir(dict(config), sft_steps, sft_lr, sft_batch_size, vocab_size, cache_dir, seed)
+    folder = arithmetic_policy_dir(dict(config), sft_steps, sft_lr, sft_batch_size, vocab_size, cache_dir, seed,
+                                   sft_label_noise)
     return AutoModelForCausalLM.from_pretrained(str(folder))
