@@ -55,10 +55,13 @@ def prompts() -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def trl_config(out: str, steps: int):  # noqa: ANN201
+def trl_config(out: str, steps: int, checkpointing: bool = False):  # noqa: ANN201
     from trl import GRPOConfig
 
-    return GRPOConfig(output_dir=out, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10 ** 6,
+    # gradient_checkpointing is set explicitly: TRL's GRPOConfig defaults it to True (recomputing every block's
+    # forward in the backward), modalforge to false; both sides run with the same setting
+    return GRPOConfig(output_dir=out, use_cpu=True, gradient_checkpointing=checkpointing, report_to=[],
+                      save_strategy="no", logging_steps=10 ** 6,
                       max_steps=steps, per_device_train_batch_size=PROMPTS * G, num_generations=G,
                       max_completion_length=LENGTH, temperature=1.0, top_p=1.0, top_k=0, beta=BETA, loss_type="grpo",
                       learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -66,7 +69,7 @@ def trl_config(out: str, steps: int):  # noqa: ANN201
                       dataloader_num_workers=0, disable_tqdm=True)
 
 
-def run_trl(folder: Path, steps: int) -> float:
+def run_trl(folder: Path, steps: int, checkpointing: bool) -> float:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
@@ -90,13 +93,13 @@ def run_trl(folder: Path, steps: int) -> float:
     tokenizer.padding_side = "left"
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
-        trainer = GRPOTrainer(model=str(folder), reward_funcs=digits, args=trl_config(out, steps),
+        trainer = GRPOTrainer(model=str(folder), reward_funcs=digits, args=trl_config(out, steps, checkpointing),
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer])
         trainer.train()
     return (timer.steps - 1) / (timer.end - timer.start)
 
 
-def run_modalforge(folder: Path, steps: int) -> float:
+def run_modalforge(folder: Path, steps: int, checkpointing: bool) -> float:
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import framework_rate
 
@@ -106,7 +109,7 @@ def run_modalforge(folder: Path, steps: int) -> float:
                            f"objective.beta={BETA}", "objective.reference=copy", "objective.loss=grpo",
                            f"optim.lr={LR}", "optim.scheduler=constant", "optim.warmup_steps=0",
                            "optim.weight_decay=0.0", "trainer.gradient_clip_val=1.0", "trainer.log_every_n_steps=1000",
-                           "seed=0"])
+                           f"module.gradient_checkpointing={str(checkpointing).lower()}", "seed=0"])
 
 
 def parity(folder: Path) -> float:
@@ -159,17 +162,17 @@ def parity(folder: Path) -> float:
         return abs(float(theirs) - float(ours))
 
 
-def child(kind: str, folder: Path, steps: int) -> None:
-    rate = run_trl(folder, steps) if kind == "trl" else run_modalforge(folder, steps)
+def child(kind: str, folder: Path, steps: int, checkpointing: bool) -> None:
+    rate = (run_trl if kind == "trl" else run_modalforge)(folder, steps, checkpointing)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's peak
     peak_mb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                    if line.startswith("VmHWM:")) / 1024
     print(json.dumps({"completions_s": rate * PROMPTS * G, "updates_s": rate, "peak_mb": peak_mb}))
 
 
-def measure(kind: str, folder: Path, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--folder", str(folder), "--steps", str(steps)],
-                         capture_output=True, text=True)
+def measure(kind: str, folder: Path, steps: int, checkpointing: bool) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--folder", str(folder), "--steps", str(steps),
+                          "--gradient-checkpointing", "on" if checkpointing else "off"], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -181,20 +184,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", default=None)
     parser.add_argument("--folder", default=None)
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off",
+                        help="the same on both sides (TRL's GRPOConfig defaults to on, modalforge to off)")
     args = parser.parse_args()
+    checkpointing = args.gradient_checkpointing == "on"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
-        child(args.child, Path(args.folder), args.steps)
+        child(args.child, Path(args.folder), args.steps, checkpointing)
         return
     with tempfile.TemporaryDirectory() as root:
         os.environ.setdefault("MODALFORGE_CACHE", str(Path(root) / "cache"))
         folder = policy_dir(Path(root))
         gap = parity(folder)
         print(f"parity |TRL - modalforge| = {gap:.2e} ({'ok' if gap < 1e-5 else 'MISMATCH'}, target < 1e-5)\n")
+        print(f"gradient checkpointing: {args.gradient_checkpointing} on both sides")
         results: dict[str, list[dict]] = {"modalforge": [], "trl": []}
         for i in range(args.repeats):
             for kind in results:
-                results[kind].append(measure(kind, folder, args.steps))
+                results[kind].append(measure(kind, folder, args.steps, checkpointing))
                 r = results[kind][-1]
                 print(f"repeat {i}: {kind:<10} {r['completions_s']:7.1f} completions/s, {r['updates_s']:6.2f} updates/s, "
                       f"peak {r['peak_mb']:7.1f} MB")

@@ -74,9 +74,11 @@ def log_importance_weights(logps: torch.Tensor, old_logps: torch.Tensor, mask: t
     return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
 
 
+ISMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+
+
 def sampling_importance_ratio(old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,
-                              mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
-                              = "sequence_mask", clip_min: float | None = None,
+                              mode: ISMode = "sequence_mask", clip_min: float | None = None,
                               clip_max: float | None = 3.0) -> torch.Tensor:
     """Correction for rollouts sampled by another engine (vLLM): ``pi_old / pi_sampler``, truncated or masked."""
     diff = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping
@@ -48,6 +49,8 @@ class Rollout:
     num_items: float                  # completion tokens per optimiser step (dapo/cispo/vespo normaliser)
     values: torch.Tensor | None = None   # (N, T) value estimates at sampling time (ppo)
     returns: torch.Tensor | None = None  # (N, T) GAE returns (ppo)
+    sampling_logps: torch.Tensor | None = None  # (N, T) log-probs of the engine that sampled (rollout_func)
+    is_ratio: torch.Tensor | None = None  # (N, T) or (N, 1): its importance-sampling correction
 
     def select(self, index: torch.Tensor) -> "Rollout":
         return Rollout(**{f.name: (v[index] if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
@@ -96,6 +99,14 @@ class GRPOObjective(ModelObjective):
         sapo_temperature_pos / sapo_temperature_neg: SAPO's soft-gate temperatures.
         vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg: VESPO's gamma weights.
         seed: seeds each rollout's sampling with (seed, rollout number).
+        rollout_func: ``pkg.module:fn`` or ``file.py:fn`` sampling the training rollouts instead of the policy's
+            ``generate`` (TRL's ``rollout_func``): ``fn(prompts, objective) -> {"completion_ids": [[int]],
+            "logprobs": [[float]] | None}``, ``num_generations`` completions per prompt in order; the prompts'
+            tokens are ``objective.rollout_inputs`` (left-padded ids and mask). ``logprobs`` are the sampler's.
+        vllm_importance_sampling_correction / vllm_importance_sampling_mode / vllm_importance_sampling_clip_min /
+            vllm_importance_sampling_clip_max: TRL's correction for rollouts sampled by another engine: when the
+            rollout has the sampler's log-probs, each token's loss is weighted by pi_old / pi_sampler (token or
+            sequence level, truncated to or masked outside [clip_min, clip_max]).
     """
 
     #: a group-relative baseline needs two completions per prompt; PPO's critic needs one
@@ -111,7 +122,11 @@ class GRPOObjective(ModelObjective):
                  max_completion_length: int = 8, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  generation_batch_size: int | None = None, sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
-                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, seed: int = 0) -> None:
+                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, seed: int = 0,
+                 rollout_func: str | None = None, vllm_importance_sampling_correction: bool = True,
+                 vllm_importance_sampling_mode: losses.ISMode = "sequence_mask",
+                 vllm_importance_sampling_clip_min: float | None = None,
+                 vllm_importance_sampling_clip_max: float | None = 3.0) -> None:
         super().__init__(model)
         choices = LossType.__args__  # type: ignore[attr-defined]
         if loss not in choices:
@@ -150,6 +165,15 @@ class GRPOObjective(ModelObjective):
         self.sapo = (sapo_temperature_pos, sapo_temperature_neg)
         self.vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
         self.seed = seed
+        modes = losses.ISMode.__args__  # type: ignore[attr-defined]
+        if vllm_importance_sampling_mode not in modes:
+            raise ModalforgeError(f"objective.vllm_importance_sampling_mode={vllm_importance_sampling_mode!r} is not "
+                                  f"one of: {', '.join(modes)}")
+        self.rollout_func = load_rollout_func(rollout_func) if rollout_func else None
+        self.is_correction = vllm_importance_sampling_correction
+        self.is_mode = vllm_importance_sampling_mode
+        self.is_clip = (vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max)
+        self.rollout_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rewards = load_rewards(rewards or ["exact_match"], reward_weights)
         self.reward_models = nn.ModuleList([r.fn for r in self.rewards if isinstance(r.fn, nn.Module)])
         self.reference: nn.Module | None = None
@@ -218,7 +242,10 @@ class GRPOObjective(ModelObjective):
                        logits_to_keep=length + 1).logits[:, -length - 1:-1].float() / self.temperature
         log_probs = torch.log_softmax(logits, -1)
         logps = log_probs.gather(-1, r.completion_ids[..., None]).squeeze(-1)
-        ent = -(log_probs.exp() * log_probs).sum(-1) if entropy else None
+        ent = None
+        if entropy:  # outside the graph when it is only a metric (no bonus): no (N, T, V) tensors kept for backward
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.entropy_coef)):
+                ent = -(log_probs.exp() * log_probs).sum(-1)
         return logps, ent
 
     @torch.no_grad()
@@ -241,6 +268,38 @@ class GRPOObjective(ModelObjective):
         tokenizer = self.datamodule.processor
         vocab = tokenizer.get_vocab()
         return [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+
+    def _from_rollout_func(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(completion ids, the sampler's log-probs or None) from ``rollout_func``, padded to a tensor."""
+        self.rollout_inputs = (batch["input_ids"], batch["attention_mask"])
+        out = self.rollout_func(list(batch["prompts"]), self)
+        where = f"objective.rollout_func ({getattr(self.rollout_func, '__name__', self.rollout_func)})"
+        if not isinstance(out, Mapping) or "completion_ids" not in out:
+            raise ModalforgeError(f"{where} must return a dict with 'completion_ids' (and 'logprobs'), got "
+                                  f"{type(out).__name__}")
+        ids, logprobs = list(out["completion_ids"]), out.get("logprobs")
+        expected = len(batch["prompts"]) * self.num_generations
+        if len(ids) != expected or (logprobs is not None and [len(x) for x in logprobs] != [len(x) for x in ids]):
+            raise ModalforgeError(f"{where} returned {len(ids)} completion(s) for {len(batch['prompts'])} prompts x "
+                                  f"objective.num_generations={self.num_generations} = {expected}, or logprobs that "
+                                  "do not match the completions token for token")
+        device, pad = batch["input_ids"].device, self.datamodule.processor.pad_token_id
+        width = max(1, max(len(x) for x in ids))
+        completion = torch.full((expected, width), pad, dtype=torch.long, device=device)
+        sampling = torch.zeros((expected, width), device=device) if logprobs is not None else None
+        for i, row in enumerate(ids):
+            completion[i, :len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+            if sampling is not None:
+                sampling[i, :len(row)] = torch.as_tensor([math.nan if v is None else float(v) for v in logprobs[i]])
+        return completion, sampling
+
+    def _stops(self, completion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention mask up to and including the first stop token, truncated flags: no stop token)."""
+        width = completion.shape[1]
+        is_stop = torch.isin(completion, torch.tensor(self._stop_ids(), device=completion.device))
+        has_stop = is_stop.any(1)
+        first = torch.where(has_stop, is_stop.int().argmax(1), torch.full_like(has_stop, width, dtype=torch.long))
+        return (torch.arange(width, device=completion.device)[None] <= first[:, None]).long(), ~has_stop
 
     @torch.no_grad()
     def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int,
@@ -266,11 +325,8 @@ class GRPOObjective(ModelObjective):
         width = max(o.shape[1] for o in outs)
         completion = torch.cat([nn.functional.pad(o, (0, width - o.shape[1]), value=tokenizer.pad_token_id)
                                 for o in outs])
-        is_stop = torch.isin(completion, torch.tensor(stop, device=completion.device))
-        has_stop = is_stop.any(1)
-        first = torch.where(has_stop, is_stop.int().argmax(1), torch.full_like(has_stop, width, dtype=torch.long))
-        attention = (torch.arange(width, device=completion.device)[None] <= first[:, None]).long()
-        return completion, attention, ~has_stop, input_ids.repeat_interleave(copies, 0)
+        attention, truncated = self._stops(completion)
+        return completion, attention, truncated, input_ids.repeat_interleave(copies, 0)
 
     def _score(self, batch: dict[str, Any], completion: torch.Tensor, attention: torch.Tensor,
                copies: int) -> tuple[torch.Tensor, list[str]]:
@@ -301,10 +357,16 @@ class GRPOObjective(ModelObjective):
         """Generate and score a rollout: (rollout without advantages, total rewards, truncated flags, metrics)."""
         start = time.perf_counter()
         device = batch["input_ids"].device
+        sampling_logps = None
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed * 1_000_003 + self._rollouts)
-            completion, attention, truncated, prompt_ids = self._generate(
-                batch["input_ids"], batch["attention_mask"], self.num_generations, greedy=False)
+            if self.rollout_func is not None:
+                completion, sampling_logps = self._from_rollout_func(batch)
+                attention, truncated = self._stops(completion)
+                prompt_ids = batch["input_ids"].repeat_interleave(self.num_generations, 0)
+            else:
+                completion, attention, truncated, prompt_ids = self._generate(
+                    batch["input_ids"], batch["attention_mask"], self.num_generations, greedy=False)
         generated = time.perf_counter()
         per_reward, _ = self._score(batch, completion, attention, self.num_generations)
         total = combine(per_reward, self.rewards)
@@ -312,7 +374,8 @@ class GRPOObjective(ModelObjective):
         if self.mask_truncated:
             loss_mask = loss_mask * (~truncated).float()[:, None]
         rollout = Rollout(prompt_ids, batch["attention_mask"].repeat_interleave(self.num_generations, 0), completion,
-                          loss_mask, attention, torch.zeros(len(completion), device=device), None, None, 0.0)
+                          loss_mask, attention, torch.zeros(len(completion), device=device), None, None, 0.0,
+                          sampling_logps=sampling_logps)
         lengths = attention.sum(1).float()
         metrics = {"reward": float(total.nanmean()), "reward_std": float(_nanstd(total)),
                    "completions/mean_length": float(lengths.mean()), "completions/max_length": float(lengths.max()),
@@ -332,9 +395,22 @@ class GRPOObjective(ModelObjective):
         metrics["frac_reward_zero_std"] = float(flat.float().mean())
         if self.beta != 0:
             rollout.ref_logps = self._frozen_logps(rollout, reference=True)
-        needs_old = self.steps_per_rollout > 1 or (self.loss_type == "rloo" and self.beta != 0)
+        correct = self.is_correction and rollout.sampling_logps is not None and self.loss_type not in losses.ONLINE_DPO
+        needs_old = self.steps_per_rollout > 1 or (self.loss_type == "rloo" and self.beta != 0) or correct
         if needs_old:
             rollout.old_logps = self._frozen_logps(rollout, reference=False)
+        if correct:  # as TRL with vLLM: pi_old (this policy's log-probs) over the sampler's, truncated or masked
+            mask = rollout.completion_mask
+            rollout.is_ratio = losses.sampling_importance_ratio(rollout.old_logps, rollout.sampling_logps, mask,
+                                                                self.is_mode, *self.is_clip)
+            valid = mask.bool() & ~torch.isnan(rollout.sampling_logps)
+            delta = (rollout.old_logps - rollout.sampling_logps).abs()[valid]
+            flat = rollout.is_ratio.flatten() if self.is_mode.startswith("sequence") else rollout.is_ratio[mask.bool()]
+            metrics["sampling/sampling_logp_difference/mean"] = float(delta.mean()) if delta.numel() else 0.0
+            metrics["sampling/sampling_logp_difference/max"] = float(delta.max()) if delta.numel() else 0.0
+            for stat in ("min", "mean", "max"):
+                metrics[f"sampling/importance_sampling_ratio/{stat}"] = float(getattr(flat, stat)()) if flat.numel() \
+                    else 0.0
         kl = None
         if self.loss_type == "rloo" and self.beta != 0:  # RLOO: k1 KL of the sequence, as a reward penalty
             kl = ((rollout.old_logps - rollout.ref_logps) * attention).sum(1).cpu()
@@ -349,7 +425,7 @@ class GRPOObjective(ModelObjective):
                 keep = (~flat).repeat_interleave(self.num_generations).to(device)
                 rollout = rollout.select(keep.nonzero().squeeze(1))
         rollout.num_items = float(rollout.completion_mask.sum()) / self.steps_per_generation
-        if self.steps_per_rollout == 1:
+        if self.steps_per_rollout == 1 and not correct:
             rollout.old_logps = None  # on-policy: the ratio is 1, computed from the current forward
         self._rollout_metrics = metrics
         return rollout
@@ -391,7 +467,8 @@ class GRPOObjective(ModelObjective):
             beta=self.beta, entropies=entropies, entropy_coef=self.entropy_coef, epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high, delta=self.delta, level=self.level,
             max_completion_length=self.max_completion_length, num_items=self._rollout.num_items,
-            sapo_temperature_pos=self.sapo[0], sapo_temperature_neg=self.sapo[1], vespo=self.vespo)
+            sapo_temperature_pos=self.sapo[0], sapo_temperature_neg=self.sapo[1], vespo=self.vespo,
+            is_ratio=part.is_ratio)
 
     def after_optimizer_step(self) -> None:
         if self._update_started is not None:
@@ -434,6 +511,13 @@ class GRPOObjective(ModelObjective):
         self._rollout = Rollout(**rollout) if rollout is not None else None
         self._position, self._rollouts = int(state.get("position", 0)), int(state.get("rollouts", 0))
         self._rollout_metrics = dict(state.get("rollout_metrics") or {})
+
+
+def load_rollout_func(spec: str) -> Any:
+    """``objective.rollout_func`` from ``pkg.module:fn`` or ``path/file.py:fn`` (errors as for rewards)."""
+    from modalforge.plugins.text.grpo.rewards import _import
+
+    return _import(str(spec), "objective.rollout_func")
 
 
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
