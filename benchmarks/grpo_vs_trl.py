@@ -7,8 +7,11 @@ copy), loss type, AdamW settings and learning rate. Each run is its own process,
 TRL's `_compute_loss` and modalforge's `grpo_loss` on the same rollout (same model, advantages, reference
 log-probs), which also checks that both take the same per-token log-probs from the model.
 
+Gradient checkpointing is the same on both sides (``--gradient-checkpointing off|on``; TRL's GRPOConfig
+defaults it to on, modalforge to off). Figures and a per-step profile of both: plugins/text/grpo/README.md.
+
     pip install -e ".[bench]"
-    python benchmarks/grpo_vs_trl.py --steps 20 --repeats 3
+    python benchmarks/grpo_vs_trl.py --steps 20 --repeats 5 --gradient-checkpointing off
 """
 
 from __future__ import annotations
