@@ -22,7 +22,9 @@ from modalforge.config import compose
 from modalforge.models import build_model
 from modalforge.optim import build_optimizer
 
-COMMON = ["objective.eval_samples_per_class=0", "optim.warmup_steps=0", "optim.scheduler=constant"]
+# train_text_to_image.py's objective: epsilon on a DDPM schedule, uniform timesteps (the demo default is flow)
+COMMON = ["objective.eval_samples_per_class=0", "optim.warmup_steps=0", "optim.scheduler=constant",
+          "objective.prediction=epsilon", "objective.timestep_sampling=uniform"]
 
 
 def diffusers_loop(steps: int, seed: int, batch_size: int) -> float:

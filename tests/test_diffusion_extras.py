@@ -76,6 +76,8 @@ def _tiny_clip(tokenizer, hidden: int, projection: int):
 
 
 def _pretrained_run(tmp_path: Path, folder: Path, *extra: str):
+    if not any(e.startswith("objective.prediction=") for e in extra):  # the demo's flow default; DDPM pipelines
+        extra = ("objective.prediction=epsilon", "objective.timestep_sampling=uniform", *extra)
     cfg = compose(["plugin=diffusion", *FAST, *QUICK, "model=diffusion/pretrained", f"model.name_or_path={folder}",
                    "objective.eval_samples_per_class=0", "objective.ema_decay=null", "trainer.max_steps=3",
                    "trainer.limit_val_batches=0", "callbacks=none", *extra])
@@ -190,6 +192,36 @@ def test_lora_export_loads_with_plain_diffusers_load_lora_weights(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=states).sample,
                                    peft_unet(x, t, encoder_hidden_states=states).sample, rtol=1e-4, atol=1e-5)
+
+
+
+def test_sd3_lora_export_loads_into_a_plain_sd3_transformer(tmp_path):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model
+
+    from modalforge.plugins.vision.diffusion.lora_export import save_diffusers_lora
+    from modalforge.plugins.vision.diffusion.objective import ATTENTION_TARGETS
+
+    def transformer():
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                     caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8)
+
+    peft = get_peft_model(transformer(), LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION_TARGETS))
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)  # as if trained
+    assert save_diffusers_lora(peft, tmp_path).name == "pytorch_lora_weights.safetensors"
+    plain = transformer()
+    state, metadata = StableDiffusion3Pipeline.lora_state_dict(str(tmp_path), return_lora_metadata=True)
+    StableDiffusion3Pipeline.load_lora_into_transformer(state, plain, metadata=metadata)  # as load_lora_weights
+    inputs = {"hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 3, 16),
+              "pooled_projections": torch.randn(1, 8), "timestep": torch.tensor([500.0])}
+    plain.eval(), peft.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).sample, peft(**inputs).sample, rtol=1e-4, atol=1e-5)
 
 
 # ---- DreamBooth prior preservation ---------------------------------------------------------
