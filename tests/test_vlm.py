@@ -140,6 +140,36 @@ def test_exact_match_normalisation():
     assert normalise_answer("3.5") == "3.5"
 
 
+def test_held_out_captions_prompt_with_the_image_and_score_bleu_and_rouge_l(small, tmp_path):
+    from modalforge.plugins.multimodal.vlm.data import CAPTION
+    from modalforge.plugins.multimodal.vlm.objective import VLMObjective
+
+    folder, manifest = small
+    captions = [{"image": "red.png", "caption": "a red square on grey"},
+                {"image": "blue.png", "caption": "a big blue square on grey"}]
+    val = _manifest(folder, [json.loads(line) for line in Path(manifest).read_text().splitlines()][:4] + captions,
+                    "val_captions.jsonl")
+    dm = VLMDataModule(train=manifest, val=val, vocab_size=300, num_eval_captions=8)
+    dm.setup()
+    assert [c.answer for c in dm.captions] == [c["caption"] for c in captions] and len(dm.questions) == 4
+    trained = dm.tokenize(dm.parse(rec(captions[0], val)))  # the prompt is how the caption record begins
+    prompt = dm.captions[0]
+    assert trained.input_ids[:len(prompt.input_ids)] == prompt.input_ids and prompt.question == CAPTION
+    assert prompt.input_ids.count(dm.processor.image_token_id) == dm.image_tokens
+    assert CAPTION in {q.question for q in dm.sample_inputs(3)}
+    objective = VLMObjective()
+    objective.datamodule = dm
+    dm.questions = []
+    objective.answer = lambda items, limit: ["a red square on grey", "a blue square on grey"]  # the metric only
+    metrics = objective.validation_epoch_metrics()
+    # ROUGE-L F by hand: the second caption's LCS "a blue square on grey" = 5 of 5 predicted, 5 of 6 reference words
+    p_r = (1.0, 5 / 6)
+    assert float(metrics["caption_rougeL"]) == pytest.approx((1.0 + 2 * p_r[0] * p_r[1] / sum(p_r)) / 2, abs=1e-4)
+    assert 0.3 < float(metrics["caption_bleu"]) < 1.0
+    objective.answer = lambda items, limit: [c.answer for c in items]
+    assert float(objective.validation_epoch_metrics()["caption_bleu"]) == pytest.approx(1.0)
+
+
 # ---- bad inputs ------------------------------------------------------------------------------
 def test_bad_records_name_the_record(tmp_path):
     _png(tmp_path / "a.png")
@@ -182,7 +212,8 @@ def test_tower_and_data_disagreeing_on_image_tokens_is_named(small):
 
 
 # ---- packing ---------------------------------------------------------------------------------
-def test_packed_loss_equals_unpacked_and_images_land_on_their_sample(small_dm):
+@pytest.mark.parametrize("attention", ["position_ids", "dense"])
+def test_packed_loss_equals_unpacked_and_images_land_on_their_sample(small_dm, attention):
     from modalforge.plugins.multimodal.vlm.model import build_vlm
     from modalforge.plugins.text.sft.objective import token_loss_and_accuracy
 
@@ -194,14 +225,16 @@ def test_packed_loss_equals_unpacked_and_images_land_on_their_sample(small_dm):
                       vision_feature_layer=-1, **dm.model_hints()).eval()
     examples = [e for row in dm.train_set.rows for e in row][:5]
     images = [[load_image(r, e) for r in e.images] for e in examples]
-    dm.packing = True
+    dm.packing, dm.packing_attention = True, attention
     packed = dm.collate([(examples, [i for group in images for i in group])])
     dm.packing = False
     unpacked = dm.collate([([e], group) for e, group in zip(examples, images)])
-    dm.packing = True
+    dm.packing, dm.packing_attention = True, "position_ids"
     assert packed["input_ids"].shape[0] == 1 and unpacked["input_ids"].shape[0] == 5
+    assert ("attention_mask" in packed) == (attention == "dense")  # position_ids: no L x L mask at all
+    keys = [k for k in ("input_ids", "pixel_values", "attention_mask", "position_ids") if k in packed]
     with torch.no_grad():
-        logits_p = model(**{k: packed[k] for k in ("input_ids", "pixel_values", "attention_mask", "position_ids")}).logits
+        logits_p = model(**{k: packed[k] for k in keys}, use_cache=False).logits  # as the Objective calls it
         logits_u = model(input_ids=unpacked["input_ids"], pixel_values=unpacked["pixel_values"],
                          attention_mask=unpacked["attention_mask"]).logits
     loss_p, _, n_p = token_loss_and_accuracy(logits_p, packed["labels"])
@@ -212,7 +245,7 @@ def test_packed_loss_equals_unpacked_and_images_land_on_their_sample(small_dm):
     handle = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
     with torch.no_grad():
-        model(**{k: packed[k] for k in ("input_ids", "pixel_values", "attention_mask", "position_ids")})
+        model(**{k: packed[k] for k in keys}, use_cache=False)
     handle.remove()
     image_id, start = dm.processor.image_token_id, 0
     for example, group in zip(examples, images):
@@ -290,7 +323,7 @@ def test_stage2_lora_trains_projector_in_full_and_lm_adapters_only(tmp_path, sma
     _, manifest = small
     cfg = compose(["plugin=vlm", "adapter=lora", "objective.freeze_vision_tower=true", f"data.train={manifest}",
                    f"data.val={manifest}", "data.vocab_size=300",
-                   "optim.param_groups=[{modules: [multi_modal_projector], lr: 1.0e-3}]"])
+                   "optim.param_groups=[{modules: [multi_modal_projector], lr: 5.0e-3}]"])
     dm, objective, adapter = build_components(cfg)
     module = build_module(cfg, objective, adapter)
     dm.setup()
@@ -303,8 +336,42 @@ def test_stage2_lora_trains_projector_in_full_and_lm_adapters_only(tmp_path, sma
     from modalforge.optim import build_optimizer
 
     optimizer = build_optimizer(module.named_parameters(), module.optim_config)
-    assert sorted({g["lr"] for g in optimizer.param_groups}) == sorted({1e-3, float(cfg.optim.lr)})
-    assert float(cfg.optim.lr) != 1e-3  # the rest keep the run's own learning rate
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == sorted({5e-3, float(cfg.optim.lr)})
+    assert float(cfg.optim.lr) != 5e-3  # the rest keep the run's own learning rate
+
+
+def test_stage2_lora_exports_a_peft_adapter_that_loads_on_the_base(tmp_path, small):
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from modalforge.testing import FAST_OVERRIDES
+
+    _, manifest = small
+    data = [f"data.train={manifest}", f"data.val={manifest}", "data.vocab_size=300", "data.batch_size=4"]
+    cfg = compose(["plugin=vlm", *data])  # the base: an untrained tiny LLaVA folder, as a stage 1 run leaves it
+    dm, objective, adapter = build_components(cfg)
+    module = build_module(cfg, objective, adapter)
+    dm.setup()
+    objective.connect(dm)
+    module.configure_model()
+    base = module.export(tmp_path / "base")
+    cfg2 = compose(["plugin=vlm", "experiment=vlm/stage2", "adapter=lora", f"model.name_or_path={base}", *data,
+                    *FAST_OVERRIDES, "trainer.max_steps=4", "optim.lr=1e-2", f"run_dir={tmp_path / 'run'}"])
+    trainer, module2, dm2 = run(cfg2, tmp_path / "run")
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(str(base)), str(final)).eval()
+    batch = next(iter(dm2.val_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "position_ids") if k in batch}
+    trained = module2.objective.model.eval()
+    with torch.no_grad():
+        ours, theirs = trained(**inputs, use_cache=False).logits, loaded(**inputs, use_cache=False).logits
+        untouched = LlavaForConditionalGeneration.from_pretrained(str(base))(**inputs, use_cache=False).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)  # LoRA on the LM and the projector (saved in full) both load
+    assert not torch.allclose(theirs, untouched, atol=1e-4)
+    projector = loaded.base_model.model.model.multi_modal_projector
+    assert hasattr(projector, "modules_to_save")  # trained in full, saved beside the adapter
+    assert AutoProcessor.from_pretrained(str(final)).image_token == IMG
 
 
 def test_conforms(tmp_path):

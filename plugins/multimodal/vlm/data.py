@@ -4,8 +4,9 @@ Records (see :mod:`.formats`) become chats or documents with one placeholder per
 through the sft plugin's chat code (template, assistant-only mask); documents and captions learn all
 their text. Each image placeholder then expands here, once, to the number of tokens the vision tower
 produces for an image (the Objective never re-counts; it checks this number against the tower
-once, at build time). Image tokens are never learned. With ``data.packing=true`` samples share rows
-under the chat code's block-diagonal mask; images follow their sample, in order.
+once, at build time). Image tokens are never learned. With ``data.packing=true`` samples share rows,
+kept apart by position ids that restart at each sample (or the chat code's block-diagonal mask with
+``data.packing_attention=dense``); images follow their sample, in order.
 
 The processor (tokenizer with the image token, CLIP-style image processor, patch size) is a
 ``transformers`` ``LlavaProcessor``, saved with the model, so ``AutoProcessor`` loads ``final/``.
@@ -66,7 +67,11 @@ class Example(Tokenized):
 
 @dataclass
 class Question:
-    """A held-out question: prompt tokens (images expanded), its images and the reference answer."""
+    """A held-out prompt (images expanded) and its reference: a chat's final answer, or an image's caption.
+
+    A caption prompt is the beginning of a ``caption`` record: its image tokens; ``question`` is then
+    :data:`CAPTION`.
+    """
 
     input_ids: list[int]
     images: list[ImageRef]
@@ -77,6 +82,9 @@ class Question:
     def __str__(self) -> str:
         return json.dumps({"images": [r.describe() for r in self.images], "question": self.question,
                            "answer": self.answer})
+
+
+CAPTION = "(caption)"
 
 
 class Rows(Dataset):
@@ -114,7 +122,11 @@ class VLMDataModule(SourcedDataModule):
         train_on: ``assistant`` (chats: completion-only loss) or ``all``; documents and captions learn all text.
         max_length: tokens per example once images expand (and per packed row).
         too_long: ``error`` (names the record) or ``drop`` (counted and reported).
-        packing: pack examples into rows with a block-diagonal mask.
+        packing: pack examples into rows of ``max_length`` tokens.
+        packing_attention: how packed examples are kept apart (the chat plugin's ``collate_rows``):
+            ``position_ids`` (no mask: the position ids restart at each example and transformers derives
+            the boundaries from them; no L*L tensor, varlen kernels with flash-attention) or ``dense``
+            (a block-diagonal ``(B, 1, L, L)`` mask).
         processor: a LLaVA folder (a previous run's ``final/``) whose processor to use.
         tokenizer: a language model folder whose tokenizer to use; ``None`` trains a BPE on the data.
         vision_tower: the tower folder (clip run ``final/`` or HF CLIP/SigLIP), for its image size, patch
@@ -126,6 +138,8 @@ class VLMDataModule(SourcedDataModule):
         image_token: the placeholder token added to the tokenizer.
         vocab_size: size of the BPE trained when no tokenizer is given.
         num_eval_questions: held-out questions answered greedily at each validation (``val/acc``).
+        num_eval_captions: held-out ``caption`` records of the validation set captioned greedily at each
+            validation (``val/caption_bleu``, ``val/caption_rougeL``).
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
@@ -134,29 +148,32 @@ class VLMDataModule(SourcedDataModule):
                  demo: Literal["questions", "captions"] = "questions",
                  chat_template: Literal["auto", "tokenizer", "chatml", "llama3"] = "auto",
                  train_on: Literal["assistant", "all"] = "assistant", max_length: int = 320,
-                 too_long: Literal["error", "drop"] = "error", packing: bool = True, processor: str | None = None,
+                 too_long: Literal["error", "drop"] = "error", packing: bool = True,
+                 packing_attention: Literal["position_ids", "dense"] = "position_ids", processor: str | None = None,
                  tokenizer: str | None = None, vision_tower: str | None = None, image_size: int | None = None,
                  patch_size: int = 4, vision_feature_select_strategy: Literal["default", "full"] | None = None,
                  image_token: str = "<image>", vocab_size: int = 512,
-                 num_eval_questions: int = 64, batch_size: int = 8, num_workers: int = 0,
+                 num_eval_questions: int = 64, num_eval_captions: int = 32, batch_size: int = 8, num_workers: int = 0,
                  val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
         self.format, self.demo = format, demo
         self.chat_template, self.train_on, self.max_length = chat_template, train_on, max_length
-        self.too_long, self.packing = too_long, packing
+        self.too_long, self.packing, self.packing_attention = too_long, packing, packing_attention
         self.processor_path, self.tokenizer_name, self.vision_tower = processor, tokenizer, vision_tower
         self.image_size, self.patch_size, self.image_token = image_size, patch_size, image_token
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vocab_size, self.num_eval_questions = vocab_size, num_eval_questions
+        self.num_eval_captions = num_eval_captions
         self.tokenizer: Any = None
         self.image_tokens = 0
         self.questions: list[Question] = []
+        self.captions: list[Question] = []
         self.stats: dict[str, float] = {}
 
     # ---- sources ------------------------------------------------------------------------
     def synthetic_data(self) -> tuple[str, str]:
-        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "vlm-shapes-v2", write_vlm_sets)
+        folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "vlm-shapes-v4", write_vlm_sets)
         return str(folder / f"{self.demo}_train.jsonl"), str(folder / f"{self.demo}_val.jsonl")
 
     def _synthetic(self) -> Path:
@@ -289,6 +306,19 @@ class VLMDataModule(SourcedDataModule):
             questions.append(Question(ids, list(sample.images), text, answer, sample.where))
         return questions
 
+    def _captions(self, samples: list[Sample]) -> list[Question]:
+        """Caption prompts (BOS and the image's tokens, as the caption record trains them) of held-out captions."""
+        captions = []
+        tok = self.tokenizer
+        for sample in samples:
+            if sample.caption is None or len(captions) >= self.num_eval_captions:
+                continue
+            ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
+                tok(self.image_token, add_special_tokens=False)["input_ids"]
+            ids, _ = self._expand(ids, list(ids), sample)
+            captions.append(Question(ids, list(sample.images), CAPTION, sample.caption, sample.where))
+        return captions
+
     def fit(self, train: list[Sample]) -> None:
         texts = [s.messages if s.is_chat else [{"role": "user", "content": s.text}] for s in train]
         texts = [[{**m, "content": str(m.get("content") or "").replace(self.image_token, " ")} for m in t]
@@ -296,7 +326,8 @@ class VLMDataModule(SourcedDataModule):
         self.processor = self._build_processor(texts)
         self.tokenizer = self.processor.tokenizer
         self.image_tokens = self.tokens_per_image()
-        self.questions = self._questions(self.first_val_items())
+        held_out = self.first_val_items()
+        self.questions, self.captions = self._questions(held_out), self._captions(held_out)
 
     def build(self, items: list[Sample], what: str) -> Rows:
         examples = self._examples(items, what)
@@ -313,7 +344,8 @@ class VLMDataModule(SourcedDataModule):
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def collate(self, items: list[tuple[list[Example], list[Any]]]) -> dict[str, torch.Tensor]:
-        batch = collate_rows([row for row, _ in items], self.tokenizer.pad_token_id, self.packing)
+        batch = collate_rows([row for row, _ in items], self.tokenizer.pad_token_id, self.packing,
+                             attention=self.packing_attention)
         pixels = self.pixel_values([image for _, images in items for image in images])
         if pixels is not None:
             batch["pixel_values"] = pixels
@@ -326,5 +358,8 @@ class VLMDataModule(SourcedDataModule):
                 "image_size": self.processor.image_processor.crop_size["height"]}
 
     def sample_inputs(self, n: int) -> list[Question]:
-        step = max(1, len(self.questions) // max(n, 1))
-        return self.questions[::step][:n]
+        """Spread over the held-out questions, and a caption or two when there are captions."""
+        n_captions = min(len(self.captions), n if not self.questions else max(1, n // 3))
+        n_questions = n - n_captions
+        step = max(1, len(self.questions) // max(n_questions, 1))
+        return self.questions[::step][:n_questions] + self.captions[:n_captions]

@@ -45,6 +45,7 @@ class Sample:
     location: str
     messages: list[Message] | None = None
     text: str | None = None
+    caption: str | None = None  # a ``caption`` record's caption (``text`` is the placeholder then it)
 
     @property
     def is_chat(self) -> bool:
@@ -205,7 +206,7 @@ def parse_record(record: Record, fmt: str | None, placeholder: str) -> Sample:
             sample.text, sample.images = _document(record, placeholder)
         else:
             caption = next(record.data[k] for k in CAPTION_KEYS if isinstance(record.data.get(k), str))
-            sample.text = placeholder + caption
+            sample.text, sample.caption = placeholder + caption, caption
             sample.images = [image_ref(v, record) for v in _image_list(record, record.data.get("image"))][:1]
     except KeyError as err:
         raise _fail(record, f"format {fmt!r} needs field {err.args[0]!r}; keys present: "

@@ -1,4 +1,9 @@
-"""vlm objective: next-token cross-entropy on text tokens of a LLaVA model; exact-match answers at validation.
+"""vlm objective: next-token cross-entropy on text tokens of a LLaVA model; answers and captions at validation.
+
+At validation, greedy answers to held-out questions score exact match (``val/acc``) and greedy captions
+of held-out captioned images score BLEU-4 and ROUGE-L (``val/caption_bleu``, ``val/caption_rougeL``,
+torchmetrics' ``BLEUScore`` / ``ROUGEScore``; CIDEr, the usual captioning metric, is not in torchmetrics
+and needs the corpus-level IDF of ``pycocoevalcap``, so it is not computed here).
 
 Which parts learn is configuration: ``freeze_vision_tower`` / ``freeze_language_model`` /
 ``freeze_projector`` (stage 1 = projector only; stage 2 = projector + LM, or LoRA on the LM with the
@@ -37,17 +42,23 @@ class VLMObjective(ModelObjective):
         freeze_language_model: keep the language model frozen (stage 1: projector only).
         freeze_projector: keep the projector frozen.
         eval_max_new_tokens: greedy tokens per held-out answer (``val/acc``).
-        sample_max_new_tokens: tokens per human-readable sample.
+        caption_max_new_tokens: greedy tokens per held-out caption (``val/caption_*``).
+        sample_max_new_tokens: tokens per human-readable sample (captions get ``caption_max_new_tokens``).
     """
 
     def __init__(self, model: Mapping[str, Any] | None = None, freeze_vision_tower: bool = False,
                  freeze_language_model: bool = False, freeze_projector: bool = False, eval_max_new_tokens: int = 8,
-                 sample_max_new_tokens: int = 16) -> None:
+                 caption_max_new_tokens: int = 24, sample_max_new_tokens: int = 16) -> None:
         super().__init__(model)
+        from torchmetrics.text import BLEUScore, ROUGEScore
+
         self.freeze_vision_tower, self.freeze_language_model = freeze_vision_tower, freeze_language_model
         self.freeze_projector = freeze_projector
         self.eval_max_new_tokens, self.sample_max_new_tokens = eval_max_new_tokens, sample_max_new_tokens
+        self.caption_max_new_tokens = caption_max_new_tokens
         self.val_loss = MeanMetric()
+        self.caption_bleu = BLEUScore(n_gram=4, smooth=True)  # smoothed: short captions often miss a 4-gram
+        self.caption_rouge = ROUGEScore(rouge_keys=("rougeL",))
         self._unused: list[nn.Module] = []
 
     # ---- building -------------------------------------------------------------------------
@@ -119,8 +130,10 @@ class VLMObjective(ModelObjective):
 
     # ---- steps ----------------------------------------------------------------------------
     def _forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        # use_cache=False: with a cache transformers does not derive packed boundaries from position ids
         out = self.model(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
-                         attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
+                         attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
+                         use_cache=False)
         loss, accuracy, count = token_loss_and_accuracy(out.logits, batch["labels"])
         return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=count,
                           batch_size=batch["input_ids"].shape[0])
@@ -142,6 +155,14 @@ class VLMObjective(ModelObjective):
             answers = self.answer(questions, self.eval_max_new_tokens)
             right = [normalise_answer(a) == normalise_answer(q.answer) for q, a in zip(questions, answers)]
             metrics["acc"] = torch.tensor(sum(right) / len(right))
+        captions = getattr(self.datamodule, "captions", None) or []
+        if captions:
+            predicted = self.answer(captions, self.caption_max_new_tokens)
+            references = [[c.answer] for c in captions]
+            metrics["caption_bleu"] = self.caption_bleu(predicted, references)
+            metrics["caption_rougeL"] = self.caption_rouge(predicted, references)["rougeL_fmeasure"]
+            self.caption_bleu.reset()
+            self.caption_rouge.reset()
         return metrics
 
     @torch.no_grad()
@@ -177,6 +198,11 @@ class VLMObjective(ModelObjective):
         super().save_pretrained(directory)
 
     def sample(self, inputs: list[Any]) -> list[str]:
-        answers = self.answer(inputs, self.sample_max_new_tokens)
-        return [f"{', '.join(r.describe() for r in q.images)} | {q.question} -> {a} (expected: {q.answer})"
-                for q, a in zip(inputs, answers)]
+        from modalforge.plugins.multimodal.vlm.data import CAPTION
+
+        answers: dict[int, str] = {}
+        for is_caption, limit in ((False, self.sample_max_new_tokens), (True, self.caption_max_new_tokens)):
+            index = [i for i, q in enumerate(inputs) if (q.question == CAPTION) == is_caption]
+            answers.update(zip(index, self.answer([inputs[i] for i in index], limit)))
+        return [f"{', '.join(r.describe() for r in q.images)} | {q.question} -> {answers[i]} (expected: {q.answer})"
+                for i, q in enumerate(inputs)]

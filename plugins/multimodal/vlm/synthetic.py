@@ -1,6 +1,6 @@
 """Offline demo of the vlm plugin: questions about the shapes demo images, with checkable answers.
 
-Built on :mod:`modalforge.data.synthetic.shapes` (its images, captions and drawing code):
+Built on :mod:`modalforge.data.synthetic.shapes` (its drawing code and captions), one new image per record:
 
 - "What colour is the shape?" -> ``red`` and "What shape is this?" -> ``circle`` (one image, two turns);
 - "How many shapes are there?" -> ``3`` (one image: 1-4 shapes drawn in a 2x2 grid);
@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from modalforge.data.synthetic.shapes import COLOURS, draw, write_shapes
+from modalforge.data.synthetic.shapes import COLOURS, SHAPES, draw
 
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is this?",
              "count": "How many shapes are there?", "which": "Which of the two images shows a circle?"}
@@ -26,8 +26,6 @@ QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is this
 def _count_image(count: int, size: int, rng: random.Random):  # noqa: ANN202 - PIL image
     """``count`` shapes in random cells of a 2x2 grid; empty cells are plain grey like the shapes' own."""
     from PIL import Image
-
-    from modalforge.data.synthetic.shapes import SHAPES
 
     half = size // 2
     image = Image.new("RGB", (size, size))
@@ -66,35 +64,48 @@ def _chat(images: list[str], turns: list[tuple[str, str]], rng: random.Random) -
     return {"image": images[0] if len(images) == 1 else images, "conversations": conversations}
 
 
-def write_vlm_sets(folder: Path, *, num_train: int = 3000, num_val: int = 160, size: int = 32, seed: int = 0) -> None:
-    """``questions_{train,val}.jsonl`` and ``captions_{train,val}.jsonl`` (paths relative to ``folder``)."""
+def _single(shape: str, size: int, rng: random.Random):  # noqa: ANN202 - (PIL image, colour name, caption)
+    """One shape in a random colour, with the shapes demo's caption ("a small red circle on the left")."""
+    colour = rng.choice(list(COLOURS))
+    image, scale, side = draw(shape, COLOURS[colour], size, rng)
+    return image, colour, f"a {scale} {colour} {shape} on the {side}"
+
+
+def write_vlm_sets(folder: Path, *, num_train: int = 6000, num_val: int = 240, size: int = 32, seed: int = 0) -> None:
+    """``questions_{train,val}.jsonl`` and ``captions_{train,val}.jsonl`` (paths relative to ``folder``).
+
+    Every image is drawn for its own record (none is shared between records or splits): a tiny tower
+    trained from scratch memorises a small pool of images instead of learning shapes (measured: a probe
+    on the shapes demo's 1200 images reaches 0.3-0.6 shape accuracy, on fresh images 0.9). Answers are
+    balanced: shapes and counts cycle, the circle is first or second with probability 1/2.
+    """
     rng = random.Random(seed)
-    write_shapes(folder / "shapes", num_train=1200, num_val=240, size=size, seed=seed)
+    others = [s for s in SHAPES if s != "circle"]
     for split, count in (("train", num_train), ("val", num_val)):
-        singles = [json.loads(line) for line in (folder / "shapes" / f"{split}.jsonl").read_text().splitlines()]
-        for item in singles:
-            item["image"] = f"shapes/{item['image']}"
-        captions = [{"image": s["image"], "caption": s["caption"]} for s in singles]
-        (folder / f"captions_{split}.jsonl").write_text("\n".join(json.dumps(c) for c in captions) + "\n")
-        circles = [s for s in singles if s["label"] == "circle"]
-        others = [s for s in singles if s["label"] != "circle"]
-        (folder / "count" / split).mkdir(parents=True, exist_ok=True)
-        records = []
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        records, captions = [], []
+
+        def save(image, n: int, k: int = 0) -> str:  # noqa: ANN001 - PIL image
+            rel = f"images/{split}/{n:05d}-{k}.png"
+            image.save(folder / rel)
+            return rel
+
         for n in range(count):
             kind = ("single", "count", "which")[n % 3]
             if kind == "single":  # two questions about one image: the image is encoded once for both answers
-                item = rng.choice(singles)
-                colour = next(word for word in item["caption"].split() if word in COLOURS)
-                turns = [(QUESTIONS["colour"], colour), (QUESTIONS["shape"], item["label"])]
-                records.append(_chat([item["image"]], turns if rng.random() < 0.5 else turns[::-1], rng))
+                shape = SHAPES[(n // 3) % len(SHAPES)]
+                image, colour, caption = _single(shape, size, rng)
+                rel = save(image, n)
+                captions.append({"image": rel, "caption": caption})
+                turns = [(QUESTIONS["colour"], colour), (QUESTIONS["shape"], shape)]
+                records.append(_chat([rel], turns if rng.random() < 0.5 else turns[::-1], rng))
             elif kind == "count":
-                number = rng.randint(1, 4)
-                rel = f"count/{split}/{n:05d}.png"
-                _count_image(number, size, rng).save(folder / rel)
-                records.append(_chat([rel], [(QUESTIONS[kind], str(number))], rng))
+                number = 1 + (n // 3) % 4
+                records.append(_chat([save(_count_image(number, size, rng), n)], [(QUESTIONS[kind], str(number))], rng))
             else:
-                pair = [rng.choice(circles)["image"], rng.choice(others)["image"]]
                 first = rng.random() < 0.5
-                images = pair if first else pair[::-1]
+                shapes = ["circle", rng.choice(others)] if first else [rng.choice(others), "circle"]
+                images = [save(_single(shape, size, rng)[0], n, k) for k, shape in enumerate(shapes)]
                 records.append(_chat(images, [(QUESTIONS[kind], "first" if first else "second")], rng))
         (folder / f"questions_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        (folder / f"captions_{split}.jsonl").write_text("\n".join(json.dumps(c) for c in captions) + "\n")
