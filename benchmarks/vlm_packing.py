@@ -55,10 +55,10 @@ def single_turn_manifest(folder: Path, records: int) -> Path:
         user = next(m for m in sample.messages if m["role"] == "user")
         answer = next(m for m in sample.messages if m["role"] == "assistant")
         question = user["content"].replace("<image>", "")
-        lines.append({"messages": [
-            {"role": "user", "content": [*({"type": "image"} for _ in sample.images), {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer["content"]}]}],
-            "images": [ref.path for ref in sample.images]})
+        parts = [*({"type": "image"} for _ in sample.images), {"type": "text", "text": question}]
+        lines.append({"messages": [{"role": "user", "content": parts},
+                                   {"role": "assistant", "content": [{"type": "text", "text": answer["content"]}]}],
+                      "images": [ref.path for ref in sample.images]})
         if len(lines) >= records:
             break
     path = folder / "single_turn.jsonl"
@@ -144,10 +144,10 @@ def parity(manifest: Path) -> bool:
             logits = model(input_ids=ours["input_ids"], pixel_values=ours["pixel_values"],
                            attention_mask=ours["attention_mask"]).logits
             our_loss = float(token_loss_and_accuracy(logits, ours["labels"])[0])
-    close = abs(trl_loss - our_loss) <= 1e-5
-    print(f"one batch of {BATCH}: TRL loss {trl_loss:.8f}, modalforge {our_loss:.8f} (|diff| {abs(trl_loss - our_loss):.1e}); "
+    gap = abs(trl_loss - our_loss)
+    print(f"one batch of {BATCH}: TRL loss {trl_loss:.8f}, modalforge {our_loss:.8f} (|diff| {gap:.1e}); "
           f"ids, loss mask and pixels {'identical' if same else 'DIFFER'}")
-    return same and close
+    return same and gap <= 1e-5
 
 
 # ---- timed runs -------------------------------------------------------------------------------------------------
