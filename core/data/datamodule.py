@@ -30,6 +30,7 @@ from modalforge.data.mixture import MixedDataset
 from modalforge.data.readers import Record, read_records
 from modalforge.data.sources import Source, describe, parse_train, parse_val
 from modalforge.data.splits import split_train_val
+from modalforge.data.workers import Workers, resolve_workers
 from modalforge.interfaces import DataModule
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class SourcedDataModule(DataModule):
             mixture (a list of ``{path, weight, name}``); ``None`` uses the plugin's synthetic data.
         val: one set, or named sets (``{name: spec}``); ``None`` splits ``val_fraction`` off each source.
         batch_size: examples per batch (per device).
-        num_workers: dataloader worker processes.
+        num_workers: dataloader worker processes, or ``auto`` (follows the cores and whether items are
+            decoded per item: :mod:`modalforge.data.workers`).
         val_fraction: share held out when ``val`` is not given.
         cache_dir: where generated demo data and trained tokenizers are kept.
         seed: shuffling, mixing and splitting seed.
@@ -66,16 +68,20 @@ class SourcedDataModule(DataModule):
     drop_last_train: bool = True
     #: Drop the last incomplete validation batch (objectives that need full batches).
     drop_last_val: bool = False
+    #: Items are decoded from files in ``__getitem__`` (images, audio): ``num_workers=auto`` then uses workers.
+    decodes_per_item: bool = False
     #: Keyword arguments of ``split_train_val`` (``min_val``, ``max_val``) for the held-out split.
     split_options: dict[str, Any] = {}
 
-    def __init__(self, train: Any = None, val: Any = None, *, batch_size: int = 8, num_workers: int = 0,
+    def __init__(self, train: Any = None, val: Any = None, *, batch_size: int = 8, num_workers: Workers = "auto",
                  val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__()
         self.train_spec, self.val_spec = train, val
         self.sources: list[Source] = parse_train(train)
         self.val_specs: dict[str, Any] = parse_val(val)
-        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
+        self.batch_size, self.val_fraction = batch_size, val_fraction
+        self.num_workers_option: Workers = num_workers
+        self._workers: int | None = None
         self.cache_dir, self.seed = cache_dir, seed
         self.train_set: Dataset | None = None
         self.val_sets: dict[str, Dataset] = {}
@@ -159,6 +165,16 @@ class SourcedDataModule(DataModule):
     def val_names(self) -> list[str]:
         """Names of the validation sets, in dataloader order (``val/<name>/...`` when more than one)."""
         return list(self.val_sets)
+
+    @property
+    def num_workers(self) -> int:
+        """Dataloader workers per process: ``data.num_workers``, with ``auto`` resolved (and said) once."""
+        if self._workers is None:
+            processes = int(getattr(getattr(self, "trainer", None), "num_devices", 1) or 1)
+            self._workers, why = resolve_workers(self.num_workers_option, decodes_per_item=self.decodes_per_item,
+                                                 processes=processes)
+            log.info("data loader: %s", why)
+        return self._workers
 
     def first_val_items(self) -> list[Any]:
         return next(iter(self.val_items.values()), [])

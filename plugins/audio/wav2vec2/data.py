@@ -21,6 +21,7 @@ from modalforge.data.errors import DataError
 from modalforge.data.images import resolve_image_path
 from modalforge.data.loader import ResumableDataLoader
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.workers import Workers
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.synthetic.tones import write_tones
 
@@ -73,7 +74,7 @@ class Wav2Vec2DataModule(SourcedDataModule):
     drop_last_train = False  # items are whole length-bucketed batches already
 
     def __init__(self, train: Any = None, val: Any = None, audio_field: str = "audio", max_seconds: float = 1.0,
-                 min_seconds: float = 0.2, batch_size: int = 16, num_workers: int = 0, val_fraction: float = 0.05,
+                 min_seconds: float = 0.2, batch_size: int = 16, num_workers: Workers = "auto", val_fraction: float = 0.05,
                  cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)

@@ -20,6 +20,7 @@ from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.images import resolve_image_path
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.workers import Workers
 from modalforge.data.readers import Record, require_fields
 from modalforge.data.synthetic.tones import write_tones
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
@@ -89,10 +90,12 @@ class WhisperASRDataModule(SourcedDataModule):
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
+    decodes_per_item = True  # each item opens and decodes a file: num_workers=auto uses workers
+
     def __init__(self, train: Any = None, val: Any = None, audio_field: str = "audio", text_field: str = "text",
                  language: str = "en", processor: str | None = None, num_mel_bins: int = 80, chunk_seconds: int = 2,
                  vocab_size: int = 256, spec_augment: bool = False, max_label_length: int = 64,
-                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 16, num_workers: int = 0,
+                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 16, num_workers: Workers = "auto",
                  val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.workers import Workers
 from modalforge.data.loader import ResumableDataLoader
 from modalforge.data.mixture import MixedStream
 from modalforge.data.readers import Record, read_records, require_fields
@@ -76,7 +77,7 @@ class CausalLMDataModule(SourcedDataModule):
 
     def __init__(self, train: Any = None, val: Any = None, val_fraction: float = 0.05, text_field: str = "text",
                  txt_mode: Literal["file", "line"] = "file", block_size: int = 128, batch_size: int = 8,
-                 num_workers: int = 0, tokenizer: str | None = None, vocab_size: int = 512,
+                 num_workers: Workers = "auto", tokenizer: str | None = None, vocab_size: int = 512,
                  cache_dir: str | None = None, seed: int = 0, streaming: bool = False,
                  shuffle_buffer: int = 1000) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,

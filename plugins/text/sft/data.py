@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.workers import Workers
 from modalforge.data.readers import Record
 from modalforge.plugins.text.chat.formats import Message, split_prompt, to_messages
 from modalforge.plugins.text.chat.packing import collate_rows, pack_first_fit
@@ -76,7 +77,7 @@ class SFTDataModule(SourcedDataModule):
                  max_length: int = 256, too_long: Literal["error", "truncate", "drop"] = "error",
                  packing: bool = True, packing_attention: Literal["position_ids", "dense"] = "position_ids",
                  tokenizer: str | None = None, vocab_size: int = 512, batch_size: int = 16,
-                 num_workers: int = 0, val_fraction: float = 0.05, cache_dir: str | None = None,
+                 num_workers: Workers = "auto", val_fraction: float = 0.05, cache_dir: str | None = None,
                  seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)

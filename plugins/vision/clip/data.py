@@ -24,6 +24,7 @@ from modalforge.data.shards import webdataset_stream
 from modalforge.data.synthetic.shapes import write_shapes
 from modalforge.data.verify import verify_media
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.workers import Workers
 from modalforge.data.mixture import MixedStream
 
 CAPTION_KEYS = ("txt", "caption", "text")
@@ -154,12 +155,14 @@ class CLIPDataModule(SourcedDataModule):
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
+    decodes_per_item = True  # each item opens and decodes a file: num_workers=auto uses workers
+
     def __init__(self, train: Any = None, val: Any = None, image_field: str = "image", caption_field: str = "caption",
                  label_field: str = "label", image_size: int = 32,
                  mean: tuple = (0.48145466, 0.4578275, 0.40821073), std: tuple = (0.26862954, 0.26130258, 0.27577711),
                  context_length: int = 16, tokenizer: str | None = None, classnames: list[str] | None = None,
                  templates: list[str] | None = None, streaming: bool = False, shuffle_buffer: int = 1000,
-                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.1, cache_dir: str | None = None,
+                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 64, num_workers: Workers = "auto", val_fraction: float = 0.1, cache_dir: str | None = None,
                  seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.workers import Workers
 from modalforge.data.images import ImageRef, image_from_sample, image_problem, open_image, resolve_image_path
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.synthetic.shapes import write_shapes
@@ -74,11 +75,13 @@ class ImageClassificationDataModule(SourcedDataModule):
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
+    decodes_per_item = True  # each item opens and decodes a file: num_workers=auto uses workers
+
     def __init__(self, train: Any = None, val: Any = None, image_field: str = "image", label_field: str = "label",
                  image_size: int = 32, augment: Literal["standard", "none"] = "standard",
                  mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225), mixup_alpha: float = 0.0,
                  cutmix_alpha: float = 0.0, skip_bad: bool = False, verify: bool | None = None, batch_size: int = 64,
-                 num_workers: int = 0, val_fraction: float = 0.1, cache_dir: str | None = None, seed: int = 0) -> None:
+                 num_workers: Workers = "auto", val_fraction: float = 0.1, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
         self.image_field, self.label_field = image_field, label_field
