@@ -15,8 +15,10 @@ def _summed_loss(model, batch, **kwargs):
                                              batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "flex_attention"])
 def test_position_ids_packing_has_no_mask_and_the_loss_of_unpacked_examples(implementation):
+    """sdpa and eager get transformers' packed mask, flex_attention its block mask (forward only on CPU:
+    FlexAttention has no CPU backward), flash_attention_2 (GPU) its varlen kernel, all from the position ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     g = torch.Generator().manual_seed(0)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from modalforge.errors import ConfigError
 from modalforge.models import offline_hint
 
 
@@ -22,6 +23,12 @@ def build_causal_lm(name_or_path: str | None = None, config: dict[str, Any] | No
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        # torch raises this only at the first backward, after data and model are built
+        raise ConfigError("FlexAttention has no backward pass on CPU, so it cannot train here",
+                          where="model.attn_implementation",
+                          hint="use sdpa on CPU (packed rows stay apart through their position ids), "
+                               "flex_attention or flash_attention_2 on a GPU")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
