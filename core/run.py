@@ -13,7 +13,6 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from modalforge import registry
@@ -21,6 +20,7 @@ from modalforge.callbacks.export import ExportOnTrainEnd
 from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoint
 from modalforge.errors import RunDirError
 from modalforge.callbacks.interrupt import CheckpointOnInterrupt
+from modalforge.callbacks.step_checkpoint import StepCheckpoint
 from modalforge.interfaces import Adapter, DataModule, Objective
 from modalforge.module import TrainingModule
 from modalforge.rundir import check_run_dir, mark_finished
@@ -62,7 +62,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     ckpt = cfg.get("checkpoint", {})
     if enable_checkpointing:
-        callbacks.append(ModelCheckpoint(
+        callbacks.append(StepCheckpoint(
             dirpath=output_dir / "checkpoints",
             filename="step{step:07d}",
             auto_insert_metric_name=False,

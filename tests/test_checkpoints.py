@@ -46,3 +46,17 @@ def test_ckpt_path_resolution(tmp_path):
     assert resolve_ckpt_path(str(tmp_path), tmp_path / "other").endswith("last.ckpt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_ckpt_path(str(tmp_path / "nope.ckpt"), tmp_path)
+
+
+def test_the_step_checkpoint_keeps_model_checkpoints_state_key_and_computes_it_once(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from modalforge.callbacks.step_checkpoint import StepCheckpoint
+
+    settings = dict(dirpath=tmp_path, every_n_train_steps=7, save_last=True)
+    ours, theirs = StepCheckpoint(**settings), ModelCheckpoint(**settings)
+    expected = theirs.state_key
+    assert ours.state_key == expected  # checkpoints of either class restore the callback's state
+    calls = []
+    monkeypatch.setattr(ModelCheckpoint, "_generate_state_key", lambda self, **kw: calls.append(kw) or "k")
+    assert [ours.state_key for _ in range(3)] == [expected] * 3 and calls == []  # cached: never rebuilt
