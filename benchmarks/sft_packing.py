@@ -87,7 +87,7 @@ def long_context_batches(length: int, steps: int, rows: int, seed: int = 0) -> l
     """Packed batches of random-length examples (1/16 to 1/2 of the context) through the sft collator."""
     import torch
 
-    from modalforge.plugins.text.chat.packing import collate_rows, pack_first_fit
+    from modalforge.plugins.text.chat.packing import pack_first_fit
     from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized
 
     g = torch.Generator().manual_seed(seed)

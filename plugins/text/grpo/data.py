@@ -22,6 +22,7 @@ from modalforge.data.errors import DataError
 from modalforge.data.loader import ResumableDataLoader, ResumableSampler
 from modalforge.data.readers import Record, read_records
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.workers import Workers
 from modalforge.plugins.text.chat.formats import Message
 from modalforge.plugins.text.chat.synthetic import OPS
 from modalforge.plugins.text.chat.tokenize import tokenize_prompt
@@ -147,7 +148,7 @@ class GRPODataModule(SourcedDataModule):
     def __init__(self, train: Any = None, val: Any = None, prompt_field: str = "prompt",
                  chat_template: Literal["auto", "tokenizer", "chatml", "llama3"] = "auto",
                  max_prompt_length: int = 256, tokenizer: str | None = None, vocab_size: int = 512,
-                 batch_size: int = 8, num_workers: int = 0, val_fraction: float = 0.05, cache_dir: str | None = None,
+                 batch_size: int = 8, num_workers: Workers = "auto", val_fraction: float = 0.05, cache_dir: str | None = None,
                  seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)

@@ -29,6 +29,7 @@ from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.images import ImageRef, image_from_sample, image_problem, open_image, resolve_image_path
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.workers import Workers
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.synthetic.shapes import write_shapes
 from modalforge.data.verify import verify_media
@@ -117,11 +118,13 @@ class DiffusionDataModule(SourcedDataModule):
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
+    decodes_per_item = True  # each item opens and decodes a file: num_workers=auto uses workers
+
     def __init__(self, train: Any = None, val: Any = None, image_field: str = "image", caption_field: str = "caption",
                  label_field: str = "label", conditioning: Conditioning = "class", image_size: int = 32,
                  random_flip: bool = False, caption_dropout: float = 0.0, tokenizer: str | None = None,
                  context_length: int = 16, tokenizer_vocab_size: int = 400, cache_latents: bool = False,
-                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 32, num_workers: int = 0, val_fraction: float = 0.1,
+                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 32, num_workers: Workers = "auto", val_fraction: float = 0.1,
                  cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
@@ -133,6 +136,7 @@ class DiffusionDataModule(SourcedDataModule):
         self.conditioning, self.image_size, self.random_flip = conditioning, int(image_size), random_flip
         self.caption_dropout, self.tokenizer_name, self.context_length = caption_dropout, tokenizer, context_length
         self.tokenizer_vocab_size, self.cache_latents = tokenizer_vocab_size, cache_latents
+        self.decodes_per_item = not cache_latents  # cached latents are served from memory
         self.verify, self.skip_bad = verify, skip_bad
         self.classes: list[str] = []
         self._rng = random.Random(seed)
