@@ -24,6 +24,7 @@ from modalforge.testing import assert_plugin_conforms, check_config_binds
 pytest.importorskip("open_clip")
 
 IMG = "<image>"
+NO_WARMSTART = "model.warmstart=null"  # a random tower: tests do not pretrain it (the warm start has its own test)
 FAST = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "logger=csv"]
 
@@ -202,7 +203,7 @@ def test_too_long_and_unreadable_images_name_the_record_and_file(tmp_path):
 
 def test_tower_and_data_disagreeing_on_image_tokens_is_named(small):
     _, manifest = small
-    cfg = compose(["plugin=vlm", f"data.train={manifest}", f"data.val={manifest}", "data.patch_size=4",
+    cfg = compose(["plugin=vlm", NO_WARMSTART, f"data.train={manifest}", f"data.val={manifest}", "data.patch_size=4",
                    "data.vocab_size=300"])
     dm, objective, adapter = build_components(cfg)
     dm.setup()
@@ -321,7 +322,7 @@ def test_assembled_from_a_clip_run_and_an_hf_lm(tmp_path, small):
 
 def test_stage2_lora_trains_projector_in_full_and_lm_adapters_only(tmp_path, small):
     _, manifest = small
-    cfg = compose(["plugin=vlm", "adapter=lora", "objective.freeze_vision_tower=true", f"data.train={manifest}",
+    cfg = compose(["plugin=vlm", NO_WARMSTART, "adapter=lora", "objective.freeze_vision_tower=true", f"data.train={manifest}",
                    f"data.val={manifest}", "data.vocab_size=300",
                    "optim.param_groups=[{modules: [multi_modal_projector], lr: 5.0e-3}]"])
     dm, objective, adapter = build_components(cfg)
@@ -348,7 +349,7 @@ def test_stage2_lora_exports_a_peft_adapter_that_loads_on_the_base(tmp_path, sma
 
     _, manifest = small
     data = [f"data.train={manifest}", f"data.val={manifest}", "data.vocab_size=300", "data.batch_size=4"]
-    cfg = compose(["plugin=vlm", *data])  # the base: an untrained tiny LLaVA folder, as a stage 1 run leaves it
+    cfg = compose(["plugin=vlm", NO_WARMSTART, *data])  # the base: an untrained tiny LLaVA folder, as a stage 1 run leaves it
     dm, objective, adapter = build_components(cfg)
     module = build_module(cfg, objective, adapter)
     dm.setup()
@@ -375,7 +376,51 @@ def test_stage2_lora_exports_a_peft_adapter_that_loads_on_the_base(tmp_path, sma
 
 
 def test_conforms(tmp_path):
-    assert_plugin_conforms("vlm", tmp_path, ["data.num_eval_questions=4"], steps=6)
+    # the default path: a (2-step) pretrained tower, frozen
+    report = assert_plugin_conforms("vlm", tmp_path, ["data.num_eval_questions=4", "model.warmstart.steps=2",
+                                                      "model.warmstart.batch_size=8", f"model.cache_dir={tmp_path}/c"],
+                                    steps=6)
+    assert not any("vision_tower" in name for name in report.changed)
+
+
+def test_tower_warm_start_is_built_once_then_reused_and_loaded(tmp_path, monkeypatch):
+    from transformers import CLIPVisionModel
+
+    from modalforge.plugins.multimodal.vlm import warmstart
+    from modalforge.plugins.multimodal.vlm.model import build_vlm
+
+    vision = {"layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
+    calls = []
+    train = warmstart.train_tower
+    monkeypatch.setattr(warmstart, "train_tower", lambda folder, **kw: (calls.append(kw), train(folder, **kw)))
+    settings = {"steps": 3, "lr": 1e-3, "batch_size": 8, "seed": 0}
+    first = warmstart.pretrained_tower_dir(vision, 32, cache_dir=str(tmp_path), **settings)
+    assert warmstart.pretrained_tower_dir(vision, 32, cache_dir=str(tmp_path), **settings) == first
+    assert len(calls) == 1 and (first / "warmstart.json").exists()
+    other = warmstart.pretrained_tower_dir(vision, 32, cache_dir=str(tmp_path), **{**settings, "steps": 4})
+    assert other != first and len(calls) == 2  # another setting, another tower
+    # the default model loads the cached tower's weights (no third build)
+    model = build_vlm(vision=vision, text={"model_type": "llama", "hidden_size": 64, "intermediate_size": 64,
+                                           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
+                      vision_feature_layer=-1, image_token_id=5, vocab_size=16,
+                      warmstart={**settings, "freeze": True}, cache_dir=str(tmp_path))
+    saved = CLIPVisionModel.from_pretrained(str(first)).state_dict()
+    assert len(calls) == 2
+    assert all(torch.equal(v, saved[k]) for k, v in model.model.vision_tower.state_dict().items())
+    # the config: the warm-started tower is frozen; without a warm start it trains
+    assert compose(["plugin=vlm"]).objective.freeze_vision_tower is True
+    assert compose(["plugin=vlm", NO_WARMSTART]).objective.freeze_vision_tower is False
+
+
+def test_tower_pretraining_batches_label_shape_colour_and_count():
+    import random
+
+    from modalforge.plugins.multimodal.vlm.warmstart import shape_batch
+
+    pixels, labels = shape_batch(8, 32, random.Random(0))
+    assert pixels.shape == (8, 3, 32, 32)
+    assert (labels["shape"][:4] >= 0).all() and (labels["shape"][4:] == -100).all()
+    assert (labels["count"][:4] == -100).all() and ((labels["count"][4:] >= 0) & (labels["count"][4:] < 4)).all()
 
 
 def test_learns_and_exports_a_model_plain_transformers_runs(tmp_path, small):
@@ -383,7 +428,7 @@ def test_learns_and_exports_a_model_plain_transformers_runs(tmp_path, small):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     _, manifest = small
-    cfg = compose(["plugin=vlm", f"run_dir={tmp_path}", *FAST, f"data.train={manifest}", f"data.val={manifest}",
+    cfg = compose(["plugin=vlm", NO_WARMSTART, f"run_dir={tmp_path}", *FAST, f"data.train={manifest}", f"data.val={manifest}",
                    "data.vocab_size=300", "data.batch_size=4", "data.packing=false", "data.num_eval_questions=8",
                    "trainer.max_steps=48", "trainer.val_check_interval=24", "trainer.num_sanity_val_steps=0",
                    "module.num_samples=1", "optim.lr=3e-3", "optim.warmup_steps=5", "optim.scheduler=constant"])

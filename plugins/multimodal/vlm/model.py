@@ -178,7 +178,8 @@ def build_vlm(name_or_path: str | None = None, vision_tower: str | None = None, 
               vision_feature_select_strategy: Literal["default", "full"] | None = None,
               image_size: int | None = None, image_token_id: int | None = None, vocab_size: int | None = None,
               pad_token_id: int | None = None, bos_token_id: int | None = None, eos_token_id: int | None = None,
-              dtype: str | None = None) -> nn.Module:
+              dtype: str | None = None, warmstart: dict[str, Any] | None = None,
+              cache_dir: str | None = None) -> nn.Module:
     """A ``LlavaForConditionalGeneration``.
 
     Args:
@@ -192,6 +193,9 @@ def build_vlm(name_or_path: str | None = None, vision_tower: str | None = None, 
             (strategy ``None``: ``full`` for SigLIP, ``default`` - drop CLS - otherwise).
         image_size / image_token_id / vocab_size / *_token_id: from the data (hints).
         dtype: torch dtype name for loaded parts.
+        warmstart: for the tiny tower from ``vision``: pretrain it on the shapes first (``steps``, ``lr``,
+            ``batch_size``, ``seed``; built once, cached under ``cache_dir``: :mod:`.warmstart`); ``None``: random.
+            (Its ``freeze`` key is read by the objective's config, not here.)
     """
     torch_dtype = getattr(torch, dtype) if dtype else None
     if image_token_id is None:
@@ -204,7 +208,14 @@ def build_vlm(name_or_path: str | None = None, vision_tower: str | None = None, 
     else:
         from transformers import CLIPVisionModel
 
-        tower = CLIPVisionModel(clip_vision_config(dict(vision or {}), image_size or 32))
+        if warmstart:
+            from modalforge.plugins.multimodal.vlm.warmstart import pretrained_tower_dir
+
+            settings = {k: v for k, v in dict(warmstart).items() if k != "freeze"}
+            tower = CLIPVisionModel.from_pretrained(str(pretrained_tower_dir(
+                dict(vision or {}), image_size or 32, cache_dir=cache_dir, **settings)))
+        else:
+            tower = CLIPVisionModel(clip_vision_config(dict(vision or {}), image_size or 32))
         strategy = vision_feature_select_strategy or "default"
     if language_model:
         lm = load_language_model(language_model, vocab_size, torch_dtype)
