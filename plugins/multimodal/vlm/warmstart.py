@@ -136,7 +136,7 @@ def train_tower(folder: Path, *, vision: dict[str, Any], image_size: int, steps:
                 {k: round(v, 2) for k, v in accuracy.items()}, folder.parent)
 
 
-def pretrained_tower_dir(vision: dict[str, Any], image_size: int = 32, steps: int = 600, lr: float = 2e-3,
+def pretrained_tower_dir(vision: dict[str, Any], image_size: int = 32, steps: int = 4000, lr: float = 1e-3,
                          batch_size: int = 64, seed: int = 0, cache_dir: str | None = None) -> Path:
     """The cached folder of the shape-pretrained tower (a ``CLIPVisionModel``), built on first use.
 
