@@ -69,7 +69,8 @@ def single_turn_manifest(folder: Path, records: int) -> Path:
 def overrides(manifest: Path, steps: int, packing: bool) -> list[str]:
     return ["plugin=vlm", f"data.train={manifest}", f"data.val={manifest}", f"data.packing={str(packing).lower()}",
             f"data.batch_size={BATCH}", f"trainer.max_steps={steps}", f"optim.lr={LR}", "optim.scheduler=constant",
-            "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.betas=[0.9,0.999]", "seed=0", *NO_EXTRAS]
+            "optim.warmup_steps=0", "optim.weight_decay=0.0", "optim.betas=[0.9,0.999]", "seed=0", "model.warmstart=null",
+            *NO_EXTRAS]  # a random tower trained with the rest, as on the TRL side
 
 
 def build_ours(manifest: Path, packing: bool = False):  # noqa: ANN201 - (datamodule, objective)
