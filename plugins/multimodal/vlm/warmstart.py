@@ -142,7 +142,7 @@ def pretrained_tower_dir(vision: dict[str, Any], image_size: int = 32, steps: in
 
     The cache key holds every setting, so changing one builds another tower.
     """
-    from modalforge.plugins.text.grpo.warmstart import _plain_torch  # leave Lightning's init modes, as grpo does
+    from modalforge.torch_modes import plain_torch  # leave Lightning's init modes for this CPU loop
 
     settings = json.dumps({"vision": dict(vision), "image_size": image_size, "steps": steps, "lr": lr,
                            "batch_size": batch_size, "seed": seed, "v": 1}, sort_keys=True)
@@ -150,6 +150,6 @@ def pretrained_tower_dir(vision: dict[str, Any], image_size: int = 32, steps: in
     folder = cache_root(cache_dir) / "vlm" / f"tower-{digest}"
     if folder.exists():
         return folder
-    with _plain_torch():
+    with plain_torch():
         return ensure_built(folder, lambda tmp: train_tower(tmp, vision=vision, image_size=image_size, steps=steps,
                                                             lr=lr, batch_size=batch_size, seed=seed))

@@ -18,7 +18,6 @@ without a second Trainer, loggers or run directory.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from modalforge.data.cache import cache_root, ensure_built
+from modalforge.torch_modes import plain_torch
 from modalforge.plugins.text.chat.tokenize import IGNORE, tokenize_conversation
 
 log = logging.getLogger(__name__)
@@ -102,22 +102,6 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
                 seconds, steps, float(loss), folder.parent)
 
 
-@contextlib.contextmanager
-def _plain_torch():
-    """Leave the torch-function modes Lightning's ``configure_model`` runs under (device context, empty init).
-
-    Every op of the warm-start loop would otherwise pass through them in Python, several times slower for a
-    tiny model; the loop runs on the CPU, like data preparation, whatever device the run uses.
-    """
-    from torch._C import _len_torch_function_stack
-    from torch.overrides import _pop_mode_temporarily
-
-    with contextlib.ExitStack() as stack:
-        while _len_torch_function_stack() > 0:
-            stack.enter_context(_pop_mode_temporarily())
-        yield
-
-
 def arithmetic_policy_dir(config: dict[str, Any], steps: int = 300, lr: float = 3e-3, batch_size: int = 64,
                           vocab_size: int = 512, cache_dir: str | None = None, seed: int = 0,
                           label_noise: float = 0.6) -> Path:
@@ -128,7 +112,7 @@ def arithmetic_policy_dir(config: dict[str, Any], steps: int = 300, lr: float = 
     folder = cache_root(cache_dir) / "grpo" / f"arithmetic-policy-{digest}"
     if folder.exists():
         return folder
-    with _plain_torch():
+    with plain_torch():
         return ensure_built(folder, lambda tmp: train_arithmetic_policy(
             tmp, config=config, steps=steps, lr=lr, batch_size=batch_size, vocab_size=vocab_size,
             cache_dir=cache_dir, seed=seed, label_noise=label_noise))
