@@ -52,7 +52,8 @@ _KEY = re.compile(r"^[A-Za-z_][\w@/-]*(\.\w[\w@/-]*)*$")
 _OVERRIDE = re.compile(r"^[+~]*[A-Za-z_][\w.@/-]*=")
 _NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _SAFE_STRING = re.compile(r"^[A-Za-z_/.][\w./:@+-]*$")
-_OPTIMIZERS = {"adamw": "adamw", "sgd": "sgd", "adamw8bit": "adamw_8bit", "pagedadamw8bit": "adamw_8bit"}
+_OPTIMIZERS = {"adamw": "adamw", "sgd": "sgd", "adamw8bit": "adamw_8bit", "pagedadamw8bit": "paged_adamw_8bit",
+               "pagedadamw": "paged_adamw_32bit", "pagedadamw32bit": "paged_adamw_32bit"}
 _OPTIM_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum")
 _SUBCOMMANDS = {"validate", "test", "predict"}
 
@@ -240,8 +241,9 @@ def _optimizer(rest: str, value: str, where: str) -> str:
         key = value.rsplit(".", 1)[-1].lower().replace("_", "")
         if key in _OPTIMIZERS:
             return f"optim.name={_OPTIMIZERS[key]}"
-        raise ConfigError(f"modalforge builds adamw, sgd or adamw_8bit, not {value}", where=where,
-                          hint="optim.name=adamw|sgd|adamw_8bit")
+        raise ConfigError(f"modalforge builds adamw, sgd, adamw_8bit, paged_adamw_8bit or paged_adamw_32bit, "
+                          f"not {value}", where=where,
+                          hint="optim.name=adamw|sgd|adamw_8bit|paged_adamw_8bit|paged_adamw_32bit")
     if rest in _OPTIM_KEYS:
         return f"optim.{rest}={value}"
     raise ConfigError(f"no optimizer setting {rest!r}", where=where,

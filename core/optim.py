@@ -91,9 +91,18 @@ def clips_scaled_gradients(trainer: Any) -> bool:
         "16-mixed", "16")
 
 
+#: ``optim.name`` values served by bitsandbytes, and its class for each. The paged ones keep the
+#: optimizer state in CUDA unified memory, paged out to CPU RAM when the GPU runs short (QLoRA's
+#: third trick); on a CPU there is nothing to page, and bitsandbytes runs them unpaged (it warns).
+_BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                   "paged_adamw_32bit": "PagedAdamW32bit"}
+#: Every ``optim.name`` that :func:`build_optimizer` builds.
+OPTIMIZER_NAMES = ("adamw", "sgd", *_BNB_OPTIMIZERS)
+
+
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Mapping[str, Any], *,
                     unscale_before_step: bool = False) -> torch.optim.Optimizer:
-    """AdamW (default), SGD, or bitsandbytes' 8-bit AdamW from the ``optim`` config.
+    """AdamW (default), SGD, or bitsandbytes' 8-bit / paged AdamW from the ``optim`` config.
 
     ``optim.implementation`` (``auto`` by default) selects torch's fused, foreach or
     per-parameter implementation of AdamW and SGD; see :func:`implementation_flags`.
@@ -111,14 +120,15 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Mappi
             return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))),
                                      eps=float(cfg.get("eps", 1e-8)), **flags)
         return torch.optim.SGD(groups, lr=lr, momentum=float(cfg.get("momentum", 0.9)), **flags)
-    if name == "adamw_8bit":
+    if name in _BNB_OPTIMIZERS:
         if implementation != "auto":
             raise ModalforgeError(f"optim.implementation={implementation!r} applies to adamw and sgd; "
-                                  "adamw_8bit has bitsandbytes' own kernel")
+                                  f"{name} has bitsandbytes' own kernel")
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))))
-    raise ValueError(f"optim.name={name!r} is not one of: adamw, sgd, adamw_8bit")
+        return getattr(bnb.optim, _BNB_OPTIMIZERS[name])(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))),
+                                                         eps=float(cfg.get("eps", 1e-8)))
+    raise ValueError(f"optim.name={name!r} is not one of: {', '.join(OPTIMIZER_NAMES)}")
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:

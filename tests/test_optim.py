@@ -115,3 +115,45 @@ def test_optimizer_implementation_choices_and_errors():
     trainer = type("T", (), {"gradient_clip_val": 1.0, "precision": "16-mixed"})()
     assert clips_scaled_gradients(trainer) and not clips_scaled_gradients(
         type("T", (), {"gradient_clip_val": 1.0, "precision": "bf16-mixed"})())
+
+
+def _adam_steps(name, steps=4):
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)  # 4096 weights: bitsandbytes keeps 8-bit state from 4096 elements up
+    opt = build_optimizer(model.named_parameters(), {"name": name, "lr": 1e-2, "weight_decay": 0.0,
+                                                     "betas": [0.9, 0.999]})
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 64, generator=g)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(x) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return opt, model, losses
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize("name, cls", [("paged_adamw_8bit", "PagedAdamW8bit"), ("paged_adamw_32bit", "PagedAdamW32bit")])
+def test_paged_optimizers_are_bitsandbytes_paged_ones_and_train(name, cls):
+    opt, _, losses = _adam_steps(name)
+    assert type(opt).__name__ == cls and opt.is_paged
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+def test_paged_adamw_32bit_makes_adamws_update():
+    # On a CPU bitsandbytes runs the paged optimizer unpaged: the update is AdamW's, to float rounding.
+    _, paged, _ = _adam_steps("paged_adamw_32bit")
+    _, plain, _ = _adam_steps("adamw")
+    torch.testing.assert_close(paged.weight, plain.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_lightning_cli_paged_optimizer_names_map_to_the_paged_ones():
+    from modalforge.cli_args import translate_argv
+
+    assert "optim.name=paged_adamw_8bit" in translate_argv(["plugin=sft", "--optimizer=PagedAdamW8bit"])
+    assert "optim.name=paged_adamw_32bit" in translate_argv(
+        ["plugin=sft", "--optimizer=bitsandbytes.optim.PagedAdamW32bit"])
+    assert "optim.name=adamw_8bit" in translate_argv(["plugin=sft", "--optimizer=AdamW8bit"])
