@@ -162,3 +162,29 @@ def test_offline_default_retrieval_rises_far_above_chance(tmp_path):
     # 360 validation pairs with ~144 distinct captions: chance recall@1 is about 1%
     assert recall[max(recall)] > 0.1, recall
     assert (tmp_path / "final" / "open_clip_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_final_loads_with_open_clips_own_loader(tmp_path, loss):
+    import open_clip
+    from safetensors.torch import load_file
+
+    cfg = compose(["plugin=clip", *FAST, "trainer.max_steps=2", "trainer.limit_val_batches=0", "callbacks=none",
+                   "data.batch_size=8", f"objective.loss={loss}", f"run_dir={tmp_path}"])
+    _, module, _ = run(cfg, tmp_path)
+    final = tmp_path / "final"
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{final}")
+    saved = load_file(str(final / "open_clip_model.safetensors"))
+    loaded = model.state_dict()
+    assert set(saved) == set(loaded)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+    images = torch.randn(2, 3, 32, 32)
+    text = torch.randint(0, 1000, (2, 16))
+    ours = module.objective.model.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(images), ours.encode_image(images), atol=1e-6)
+        assert torch.allclose(model.encode_text(text), ours.encode_text(text), atol=1e-6)
+    resize = next(t for t in preprocess.transforms if type(t).__name__ == "Resize")
+    assert resize.size in (32, [32], (32, 32))

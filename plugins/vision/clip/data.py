@@ -271,6 +271,11 @@ class CLIPDataModule(SourcedDataModule):
                   "image_size": self.image_size, "mean": self.mean, "std": self.std, "classnames": self.classnames,
                   "templates": self.templates}
         Path(directory, "preprocess_config.json").write_text(json.dumps(config, indent=2))
+        model_config = Path(directory, "open_clip_config.json")
+        if model_config.exists():  # open_clip's loader takes its transforms from preprocess_cfg
+            saved = json.loads(model_config.read_text())
+            saved["preprocess_cfg"] = {"size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+            model_config.write_text(json.dumps(saved, indent=2, default=str))
 
     def sample_inputs(self, n: int) -> list[tuple[torch.Tensor, str]]:
         """A few validation images with their true captions."""

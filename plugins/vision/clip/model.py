@@ -32,7 +32,33 @@ def build_clip(name: str | None = None, pretrained: str | None = None, embed_dim
                                           force_context_length=context_length, **extra)
         except Exception as err:  # noqa: BLE001
             raise offline_hint(pretrained or name, err, what="open_clip weights") from err
-    vision_cfg = CLIPVisionCfg(**{"layers": 2, "width": 64, "patch_size": 4, "head_width": 32, **(vision or {}),
-                                  "image_size": image_size})
-    text_cfg = CLIPTextCfg(**{"layers": 2, "width": 64, "heads": 2, **(text or {}), "context_length": context_length})
+    vision_cfg = CLIPVisionCfg(**_vision_kwargs(vision, image_size))
+    text_cfg = CLIPTextCfg(**_text_kwargs(text, context_length))
     return open_clip.CLIP(embed_dim, vision_cfg, text_cfg, **extra)
+
+
+def _vision_kwargs(vision: dict[str, Any] | None, image_size: int) -> dict[str, Any]:
+    return {"layers": 2, "width": 64, "patch_size": 4, "head_width": 32, **(vision or {}), "image_size": image_size}
+
+
+def _text_kwargs(text: dict[str, Any] | None, context_length: int) -> dict[str, Any]:
+    return {"layers": 2, "width": 64, "heads": 2, **(text or {}), "context_length": context_length}
+
+
+def open_clip_model_cfg(name: str | None = None, embed_dim: int = 64, vision: dict[str, Any] | None = None,
+                        text: dict[str, Any] | None = None, image_size: int = 224, context_length: int = 77,
+                        siglip: bool = False, **_: Any) -> dict[str, Any]:
+    """The ``model_cfg`` open_clip's own loader wants (``create_model('local-dir:<final>')``) for what
+    :func:`build_clip` builds with the same arguments."""
+    import copy
+
+    import open_clip
+
+    extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}
+    if name:
+        cfg = copy.deepcopy(open_clip.get_model_config(name)) or {}
+        cfg.setdefault("vision_cfg", {})["image_size"] = image_size
+        cfg.setdefault("text_cfg", {})["context_length"] = context_length
+        return {**cfg, **extra}
+    return {"embed_dim": embed_dim, "vision_cfg": _vision_kwargs(vision, image_size),
+            "text_cfg": _text_kwargs(text, context_length), **extra}

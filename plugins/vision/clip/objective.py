@@ -188,5 +188,13 @@ class CLIPObjective(ModelObjective):
         save_model(self.model, str(directory / "open_clip_model.safetensors"))
         config = {k: v for k, v in self.model_config.items() if k != "_target_"}
         config.update({k: self.hints.get(k) for k in ("image_size", "context_length")})
-        (directory / "open_clip_config.json").write_text(json.dumps({"builder": self.model_config.get("_target_"),
-                                                                     "kwargs": config}, indent=2, default=str))
+        saved: dict[str, Any] = {"builder": self.model_config.get("_target_"), "kwargs": config}
+        builder = str(self.model_config.get("_target_") or "")
+        if builder.endswith("clip.model.build_clip"):
+            # open_clip's own loader (create_model_and_transforms('local-dir:<final>')) reads model_cfg.
+            from modalforge.plugins.vision.clip.model import open_clip_model_cfg
+
+            kwargs = {k: v for k, v in config.items() if v is not None}
+            kwargs.setdefault("siglip", self.loss_name == "siglip")
+            saved["model_cfg"] = open_clip_model_cfg(**kwargs)
+        (directory / "open_clip_config.json").write_text(json.dumps(saved, indent=2, default=str))
