@@ -29,6 +29,11 @@ def build_model(model_cfg: Mapping[str, Any], hints: Mapping[str, Any] | None = 
     for key, value in (hints or {}).items():
         if (key in params or takes_any) and cfg.get(key) is None:
             cfg[key] = value
+    from modalforge.adapters.loading import pretrained_load_kwargs  # adapter=qlora: the base loads in 4 bits
+
+    for key, value in pretrained_load_kwargs().items():  # only to builders that name the argument
+        if key in params and cfg.get(key) is None:
+            cfg[key] = value
     return builder(**cfg)
 
 

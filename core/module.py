@@ -73,7 +73,10 @@ class TrainingModule(L.LightningModule):
         datamodule = self._datamodule()
         if datamodule is not None:
             self.objective.connect(datamodule)
-        self.objective.configure_model()
+        from modalforge.adapters import pretrained_loading  # what the adapter asks of from_pretrained (qlora: 4 bits)
+
+        with pretrained_loading(self.adapter, getattr(self._trainer, "precision", None)):
+            self.objective.configure_model()
         target = self.adapter.apply(self.objective.adapter_target(), self.objective.default_adapter_targets(),
                                     self.objective.trainable_heads())
         if self.gradient_checkpointing:

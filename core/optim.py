@@ -59,8 +59,8 @@ def implementation_flags(params: list[torch.Tensor], implementation: Implementat
     Args:
         params: the parameters the optimizer will update.
         implementation: ``auto`` | ``fused`` | ``foreach`` | ``for_loop``.
-        unscale_before_step: gradients are clipped under a gradient scaler (``16-mixed``): Lightning
-            must unscale them before the step, which a fused optimizer (unscaling inside) refuses.
+        unscale_before_step: gradients are clipped under mixed precision (``16-mixed``, ``bf16-mixed``):
+            Lightning clips (unscaling first) before the step, which it refuses for a fused optimizer.
     """
     from torch.optim.optimizer import _default_to_fused_or_foreach  # torch's own device/dtype rule
 
@@ -70,7 +70,8 @@ def implementation_flags(params: list[torch.Tensor], implementation: Implementat
     fusable, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=True)
     if implementation == "fused" and unscale_before_step:
         raise ModalforgeError("optim.implementation=fused cannot be combined with gradient clipping under "
-                              "trainer.precision=16-mixed (the fused step unscales gradients itself); set "
+                              "trainer.precision=16-mixed or bf16-mixed (Lightning refuses to clip for a fused step, "
+                              "which unscales gradients itself); set "
                               "optim.implementation=auto, or trainer.gradient_clip_val=null")
     if implementation == "fused" and not fusable:
         kinds = sorted({f"{p.dtype} on {p.device.type}" for p in params})
@@ -86,9 +87,12 @@ def implementation_flags(params: list[torch.Tensor], implementation: Implementat
 
 
 def clips_scaled_gradients(trainer: Any) -> bool:
-    """Whether ``trainer`` clips gradients under a gradient scaler (``16-mixed``), see ``implementation_flags``."""
+    """Whether ``trainer`` clips gradients under mixed precision, see ``implementation_flags``.
+
+    Lightning's ``MixedPrecision`` plugin (``16-mixed`` and ``bf16-mixed`` alike) refuses to clip
+    for an optimizer that says it unscales gradients itself, which torch's fused ones do."""
     return bool(getattr(trainer, "gradient_clip_val", None)) and str(getattr(trainer, "precision", "")) in (
-        "16-mixed", "16")
+        "16-mixed", "16", "bf16-mixed", "bf16")
 
 
 #: ``optim.name`` values served by bitsandbytes, and its class for each. The paged ones keep the

@@ -2,7 +2,9 @@
 
 from modalforge.adapters.freeze import FreezeAdapter, FullAdapter
 from modalforge.adapters.peft_adapters import DoraAdapter, IA3Adapter, LoraAdapter
-from modalforge.adapters.qlora import QLoraAdapter, bnb_quantization_config, quantize_linears
+from modalforge.adapters.loading import adapter_load_kwargs, pretrained_load_kwargs, pretrained_loading
+from modalforge.adapters.qlora import (QLoraAdapter, bnb_quantization_config, check_fsdp_quant_storage, compute_dtype_for,
+                                       quantize_linears)
 from modalforge.adapters.utils import enable_gradient_checkpointing, trainable_parameter_summary
 
 __all__ = [
@@ -12,8 +14,13 @@ __all__ = [
     "IA3Adapter",
     "LoraAdapter",
     "QLoraAdapter",
+    "adapter_load_kwargs",
     "bnb_quantization_config",
+    "check_fsdp_quant_storage",
+    "compute_dtype_for",
     "enable_gradient_checkpointing",
+    "pretrained_load_kwargs",
+    "pretrained_loading",
     "quantize_linears",
     "trainable_parameter_summary",
 ]
