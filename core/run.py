@@ -20,6 +20,7 @@ from modalforge.callbacks.export import ExportOnTrainEnd
 from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoint
 from modalforge.errors import RunDirError
 from modalforge.callbacks.interrupt import CheckpointOnInterrupt
+from modalforge.callbacks.rng_state import RNGState
 from modalforge.callbacks.step_checkpoint import StepCheckpoint
 from modalforge.interfaces import Adapter, DataModule, Objective
 from modalforge.module import TrainingModule
@@ -60,6 +61,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
     callbacks: list[L.Callback] = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     if not enable_progress_bar:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    # Per-rank seeds (seed + rank) once the model is built, and RNG states in checkpoints: exact resume.
+    callbacks.append(RNGState(seed=int(cfg.get("seed", 0))))
     ckpt = cfg.get("checkpoint", {})
     if enable_checkpointing:
         callbacks.append(StepCheckpoint(
