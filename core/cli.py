@@ -227,10 +227,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     compare = sub.add_parser("compare", help="table and plots of several runs, or of a sweep (train -m)")
     compare.add_argument("runs", nargs="+", help="run directories and/or a multirun (sweep) directory")
     compare.add_argument("--out", default=None, help="report folder (default: <first run dir>/compare)")
-    from modalforge import pipeline
+    from modalforge import export, pipeline
 
     pipeline.add_arguments(sub.add_parser("pipeline", help="run train stages in order, each from the last's outputs"))
+    export.add_arguments(sub.add_parser("export", help="write any checkpoint of a run in the final/ layout "
+                                                       "(HF / PEFT / open_clip)"))
     args = parser.parse_args(argv)
+    if args.command == "export":
+        from modalforge.errors import ModalforgeError
+
+        try:
+            export.main(args)
+        except ModalforgeError as err:
+            _report_user_error(err)
     if args.command == "pipeline":
         pipeline.main(args)
     if args.command == "version":
