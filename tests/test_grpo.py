@@ -353,3 +353,37 @@ def test_online_dpo_trains_on_judged_policy_pairs(tmp_path):
     assert all(math.isfinite(v) for v in series(tmp_path, "train/loss").values())
     assert series(tmp_path, "train/online_dpo/decided")
     assert last > first + 0.1, reward
+
+
+def _global_stats_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        rewards = torch.tensor([[0.0, 1.0, 1.0, 2.0, 2.0, 5.0], [1.0, 1.0, 1.0, 0.0, 3.0, 0.5]])[rank]
+        advantages, std = losses.group_advantages(rewards, 3, "batch")
+        share = losses.per_rank_share(torch.tensor([5.0, 9.0])[rank])
+        torch.save({"advantages": advantages, "std": std, "share": share}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_batch_std_and_dapo_num_items_are_global_across_ranks(tmp_path):
+    """scale_rewards=batch and dapo's num_items over every rank's batch, as trl computes them (2 gloo processes)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_global_stats_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    both = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 5.0, 1.0, 1.0, 1.0, 0.0, 3.0, 0.5])
+    expected, expected_std = losses.group_advantages(both, 3, "batch")  # one process, the whole batch
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.allclose(got["advantages"], expected[6 * rank: 6 * rank + 6], atol=1e-6)
+        assert torch.allclose(got["std"], expected_std[:6], atol=1e-6)
+        assert got["share"] == 7.0  # (5 + 9) tokens / 2 ranks: each rank's sum / 7 averages to the global mean
+    assert losses.per_rank_share(torch.tensor(5.0)) == 5.0  # one process: unchanged

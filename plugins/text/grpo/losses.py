@@ -33,16 +33,55 @@ def _std(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return x.std(dim=dim, unbiased=True) if x.numel() > 1 else torch.zeros(())
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_std(x: torch.Tensor) -> torch.Tensor:
+    """``_std`` over ``x`` of every rank (one all_reduce of count, sum and sum of squares), as trl
+    computes it over the rewards it gathers from all processes; ``_std`` itself on one process."""
+    if _world_size() == 1:
+        return _std(x)
+    import torch.distributed as dist
+
+    values = x.detach().double()
+    stats = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=x.device),
+                         values.sum(), (values * values).sum()])
+    dist.all_reduce(stats)
+    n, total, squares = stats.unbind()
+    if n <= 1:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    return ((squares - total * total / n) / (n - 1)).clamp(min=0.0).sqrt().to(x.dtype)
+
+
+def per_rank_share(count: torch.Tensor | float) -> float:
+    """``count`` summed over ranks, divided by the number of ranks (trl's ``num_items_in_batch /
+    num_processes``): with DDP averaging gradients, each rank's sum / this is the global token mean."""
+    world = _world_size()
+    if world == 1:
+        return float(count)
+    import torch.distributed as dist
+
+    device = count.device if isinstance(count, torch.Tensor) else None
+    total = torch.as_tensor(count, dtype=torch.float64, device=device).detach().clone().reshape(())
+    dist.all_reduce(total)
+    return float(total) / world
+
+
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: ScaleRewards = "group",
                      eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO: ``A_i = (r_i - mean(group)) / (std + eps)``; std of the group, of the whole batch, or none.
+
+    ``batch``: the std of the rewards of every rank's batch when several processes train (as trl's).
 
     Returns the advantages and, per completion, the std used (zero std marks a group with one reward).
     """
     grouped = rewards.view(-1, num_generations)
     mean = grouped.mean(1).repeat_interleave(num_generations)
     if scale_rewards == "batch":
-        std = _std(rewards).expand_as(rewards)
+        std = global_std(rewards).expand_as(rewards)
     else:
         std = (grouped.std(1, unbiased=True) if num_generations > 1 else torch.zeros(len(grouped), device=rewards.device)
                ).repeat_interleave(num_generations)

@@ -424,7 +424,8 @@ class GRPOObjective(ModelObjective):
             if 0 < dropped < 1:
                 keep = (~flat).repeat_interleave(self.num_generations).to(device)
                 rollout = rollout.select(keep.nonzero().squeeze(1))
-        rollout.num_items = float(rollout.completion_mask.sum()) / self.steps_per_generation
+        # dapo/cispo/vespo: the completion tokens of every rank's batch (per rank share), as trl normalises
+        rollout.num_items = losses.per_rank_share(rollout.completion_mask.sum()) / self.steps_per_generation
         if self.steps_per_rollout == 1 and not correct:
             rollout.old_logps = None  # on-policy: the ratio is 1, computed from the current forward
         self._rollout_metrics = metrics
