@@ -37,6 +37,12 @@ class StepOutput:
         num_learned_tokens: tokens the loss is computed on (labels that are not ignored: the
             assistant tokens in ``sft``, the completions in ``dpo``), for
             ``train/learned_tokens_per_s``; ``None`` when the loss is not per token.
+        mean_over: the loss is a mean over this many items of the batch (learned tokens for a
+            token loss, pairs for a pairwise one). The core then makes the optimizer step's loss
+            the mean over *all* items of the step, over accumulated micro-batches and ranks, so
+            batch size, accumulation and device count never change the gradient
+            (:mod:`modalforge.scale.step_loss`). ``None``: a per-batch value, averaged per
+            micro-batch as Lightning does.
     """
 
     loss: torch.Tensor | None
@@ -44,6 +50,7 @@ class StepOutput:
     num_tokens: int | torch.Tensor | None = None
     batch_size: int | None = None
     num_learned_tokens: int | torch.Tensor | None = None
+    mean_over: int | torch.Tensor | None = None
 
 
 class DataModule(L.LightningDataModule, abc.ABC):
@@ -130,6 +137,14 @@ class Objective(nn.Module, abc.ABC):
         """Transformer block classes, for FSDP auto-wrap and activation checkpointing."""
         return set()
 
+    def fsdp_forward_methods(self) -> list[str]:
+        """Methods of the adapter target this Objective calls instead of ``forward``.
+
+        Under ``strategy=fsdp`` the target is one sharded unit whose parameters are gathered
+        when ``forward`` runs; a method named here gathers them too (``register_fsdp_forward_method``).
+        ``generate`` by default; a CLIP model adds ``encode_image`` and ``encode_text``."""
+        return ["generate"]
+
     # ---- steps --------------------------------------------------------------------
     @abc.abstractmethod
     def training_step(self, batch: Any) -> StepOutput:
@@ -148,7 +163,10 @@ class Objective(nn.Module, abc.ABC):
         return {}
 
     def sample(self, inputs: list[Any]) -> list[str]:
-        """Human-readable samples (generated text, transcripts) for a few inputs."""
+        """Human-readable samples (generated text, transcripts) for a few inputs.
+
+        Called on every rank with the same inputs (a sharded model generates on all ranks
+        together); rank zero writes what it returns."""
         return []
 
     def sample_images(self) -> dict[str, Any]:
@@ -156,8 +174,9 @@ class Objective(nn.Module, abc.ABC):
 
         Each value is a ``(C, H, W)`` float tensor in ``[0, 1]``. The core writes it to
         ``<run_dir>/images/<name>/step<N>.png`` and hands it to the loggers that show images
-        (TensorBoard ``add_image``, Weights & Biases ``log_image``). Called on rank zero after
-        :meth:`validation_epoch_metrics`, so an Objective can keep what it sampled there."""
+        (TensorBoard ``add_image``, Weights & Biases ``log_image``). Called on every rank after
+        :meth:`validation_epoch_metrics` (a sharded model samples on all ranks together), so an
+        Objective can keep what it sampled there; rank zero writes the images."""
         return {}
 
     # ---- saving -------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import nn
 
 from modalforge.interfaces import Adapter, DataModule, Objective, StepOutput
 from modalforge.optim import build_optimizer, build_scheduler, clips_scaled_gradients
+from modalforge.scale.step_loss import StepLoss
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class TrainingModule(L.LightningModule):
         self.last_num_tokens: int | None = None
         self.last_batch_size: int | None = None
         self.last_num_learned_tokens: int | torch.Tensor | None = None
+        #: The last micro-batch's loss as the Objective computed it (a mean over its items).
+        self.last_loss: torch.Tensor | None = None
+        self.step_loss = StepLoss()
         #: The run's resolved config (set by ``run``), saved in checkpoints so that a resume
         #: that does not fit can name the config keys that changed.
         self.run_config: dict[str, Any] | None = None
@@ -138,11 +142,33 @@ class TrainingModule(L.LightningModule):
             )
         self.last_num_tokens, self.last_batch_size = out.num_tokens, out.batch_size
         self.last_num_learned_tokens = out.num_learned_tokens
+        self.last_loss = out.loss.detach()
+        loss = self.step_loss.micro_batch(out.loss, out.mean_over, rescale=self._rescales_gradients())
         if self._logs_this_step():
-            self._log_output("train", out)
+            # train/loss is the step's (all micro-batches and ranks): logged in on_before_optimizer_step
+            self._log_output("train", StepOutput(loss=None, metrics=out.metrics, batch_size=out.batch_size))
             self._log_source_counts()
             # train/lr: callbacks.throughput.ThroughputLogger writes it straight to the loggers (cheaper than self.log)
-        return out.loss
+        return loss
+
+    def _rescales_gradients(self) -> bool:
+        # DeepSpeed owns the gradients (accumulated and reduced inside its engine): there a
+        # micro-batch keeps its own mean, as Lightning does.
+        trainer = self._trainer
+        return trainer is None or "DeepSpeed" not in type(trainer.strategy).__name__
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # After the last micro-batch's backward and the ranks' gradient reduction, before clipping.
+        trainer = self.trainer
+        sync = getattr(trainer.strategy, "sync_replicated_gradients", None)
+        if sync is not None:
+            sync(self)
+        world = int(trainer.world_size)
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
+        loss = self.step_loss.finish(self.parameters(), world_size=world,
+                                     accumulate=int(trainer.accumulate_grad_batches), all_reduce=reduce)
+        if loss is not None and self._logs_this_step():
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
     def _logs_this_step(self) -> bool:
         # Loggers only write every `log_every_n_steps`; skipping self.log in between saves
@@ -178,13 +204,14 @@ class TrainingModule(L.LightningModule):
         inputs = datamodule.sample_inputs(self.num_samples) if datamodule is not None else []
         if not inputs:
             return
-        samples = self.objective.sample(inputs)
+        samples = self.objective.sample(inputs)  # every rank: a sharded model generates together
+        # trainer.log_dir is a broadcast (a collective) in Lightning: every rank reads it, or rank zero waits alone.
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         if not samples or not self.trainer.is_global_zero:
             return
         step = self.global_step
         lines = "\n".join(f"  [{i}] {text!r}" for i, text in enumerate(samples))
         rank_zero_info(f"[modalforge] samples at step {step}:\n{lines}")
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         path = Path(log_dir) / "samples.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
@@ -197,10 +224,8 @@ class TrainingModule(L.LightningModule):
 
     def _log_images(self) -> None:
         # Objective.sample_images: PNGs under <run_dir>/images/<name>/, and to loggers that show images.
-        if not self.trainer.is_global_zero:
-            return
-        images = self.objective.sample_images()
-        if not images:
+        images = self.objective.sample_images()  # every rank (see Objective.sample_images)
+        if not images or not self.trainer.is_global_zero:
             return
         from torchvision.utils import save_image  # only objectives that make images ask for this
 
@@ -272,6 +297,40 @@ class TrainingModule(L.LightningModule):
                     state[key] = value
 
     # ---- export -----------------------------------------------------------------------
+    def is_sharded(self) -> bool:
+        """Whether a strategy sharded the parameters (FSDP2's DTensors): exports must gather first."""
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(p, DTensor) for p in self.parameters())
+
+    def gathered_copy(self) -> "TrainingModule | None":
+        """A plain, unsharded copy holding the full trained weights on rank zero (``None`` elsewhere).
+
+        Every rank must call it: the weights are gathered by a collective. The copy is built from
+        the run's config like the original (its adapter applied) and loads the gathered state
+        strictly, so what it exports equals the training weights."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.trainer.is_global_zero:
+            return None
+        if self.run_config is None:
+            raise RuntimeError("gathered_copy needs the run's config (TrainingModule.run_config, set by run())")
+        from omegaconf import OmegaConf
+
+        from modalforge.run import build_components, build_module
+
+        cfg = OmegaConf.create(self.run_config)
+        _, objective, adapter = build_components(cfg)
+        datamodule = self._datamodule()
+        if datamodule is not None:
+            objective.connect(datamodule)
+        copy = build_module(cfg, objective, adapter)
+        copy.run_config = self.run_config
+        copy.configure_model()
+        copy.load_state_dict(state, strict=True)
+        return copy
+
     def export(self, directory: str | Path, *, merge: bool = False) -> Path:
         """Write the trained model (or adapter) and the processor in HF / PEFT format."""
         directory = Path(directory)

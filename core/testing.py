@@ -96,7 +96,9 @@ class _LossRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        # The step's loss (mean over all its items), not the per-item sum a micro-batch backpropagates.
+        step_loss = getattr(getattr(pl_module, "step_loss", None), "last", None)
+        loss = step_loss if step_loss is not None else (outputs["loss"] if isinstance(outputs, dict) else outputs)
         self.losses.append(float(loss.detach()))
 
 

@@ -42,12 +42,12 @@ def gpu_machine(monkeypatch):
 
 def test_fsdp_on_cpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ModalforgeError, match="needs CUDA GPUs.*strategy=ddp"):
-        build_strategy(_strategy_cfg("fsdp"), accelerator="cpu")
+    with pytest.raises(ModalforgeError, match="needs CUDA GPUs.*strategy=fsdp"):
+        build_strategy(_strategy_cfg("fsdp1"), accelerator="cpu")
 
 
 def test_fsdp_wraps_and_checkpoints_the_plugin_blocks(gpu_machine):
-    strategy = build_strategy(_strategy_cfg("fsdp", activation_checkpointing=True, sharding_strategy="SHARD_GRAD_OP"),
+    strategy = build_strategy(_strategy_cfg("fsdp1", activation_checkpointing=True, sharding_strategy="SHARD_GRAD_OP"),
                               block_classes={LlamaDecoderLayer})
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
@@ -58,7 +58,7 @@ def test_fsdp_wraps_and_checkpoints_the_plugin_blocks(gpu_machine):
 
 def test_fsdp_without_blocks_warns(gpu_machine):
     with pytest.warns(UserWarning, match="block_classes"):
-        strategy = build_strategy(_strategy_cfg("fsdp"))
+        strategy = build_strategy(_strategy_cfg("fsdp1"))
     assert strategy._activation_checkpointing_kwargs == {}
 
 

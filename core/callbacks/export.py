@@ -34,12 +34,14 @@ class ExportOnTrainEnd(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
-        # Sharded strategies need every rank to gather full weights; single-file export is rank zero's job.
+        # Sharded weights (FSDP2) are gathered on every rank into a plain copy on rank zero;
+        # the files are rank zero's job.
+        module = pl_module.gathered_copy() if getattr(pl_module, "is_sharded", lambda: False)() else pl_module
         if not trainer.is_global_zero:
             return
         tmp = self.directory.with_name(self.directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        pl_module.export(tmp, merge=self.merge)
+        module.export(tmp, merge=self.merge)
         (tmp / "modalforge.json").write_text(json.dumps({**self.metadata, "global_step": trainer.global_step},
                                                         indent=2, default=str))
         if self.directory.exists():

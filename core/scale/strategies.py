@@ -1,9 +1,10 @@
 """Build Lightning's own strategies from the ``strategy`` config node.
 
 The config is plain data (``name`` + settings), so ``strategy=fsdp
-strategy.sharding_strategy=SHARD_GRAD_OP`` works from the command line; what only
-the plugin knows, its transformer block classes, is passed in here so FSDP wraps
-each block and activation checkpointing applies per block.
+strategy.reshard_after_forward=false`` works from the command line; what only
+the plugin knows, its transformer block classes, is passed in here so FSDP shards
+each block and activation checkpointing applies per block. ``fsdp`` is FSDP2
+(:mod:`modalforge.scale.fsdp2`, CPU and GPU); ``fsdp1`` is Lightning's FSDP1 (GPUs only).
 """
 
 from __future__ import annotations
@@ -15,7 +16,18 @@ from torch import nn
 
 from modalforge.errors import ModalforgeError
 
-STRATEGY_NAMES = ("auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+STRATEGY_NAMES = ("auto", "ddp", "fsdp", "fsdp1", "deepspeed_zero2", "deepspeed_zero3")
+#: Strategies Lightning runs only on CUDA GPUs.
+GPU_ONLY = ("fsdp1", "deepspeed_zero2", "deepspeed_zero3")
+
+
+def _timeout(cfg: dict[str, Any]):  # noqa: ANN202 - datetime.timedelta
+    import datetime
+
+    seconds = float(cfg.get("timeout", 1800))
+    if seconds <= 0:
+        raise ModalforgeError(f"strategy.timeout={cfg.get('timeout')!r}: seconds a collective may wait, above 0")
+    return datetime.timedelta(seconds=seconds)
 
 
 def _ddp(cfg: dict[str, Any]):  # noqa: ANN202
@@ -23,7 +35,20 @@ def _ddp(cfg: dict[str, Any]):  # noqa: ANN202
 
     return DDPStrategy(find_unused_parameters=bool(cfg.get("find_unused_parameters", False)),
                        static_graph=bool(cfg.get("static_graph", False)),
-                       gradient_as_bucket_view=bool(cfg.get("gradient_as_bucket_view", True)))
+                       gradient_as_bucket_view=bool(cfg.get("gradient_as_bucket_view", True)),
+                       timeout=_timeout(cfg))
+
+
+def _fsdp2(cfg: dict[str, Any], block_classes: set[type[nn.Module]]):  # noqa: ANN202
+    from modalforge.scale.fsdp2 import FSDP2Strategy
+
+    shard_size = cfg.get("shard_size")
+    return FSDP2Strategy(block_classes, reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
+                         activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
+                         cpu_offload=bool(cfg.get("cpu_offload", False)),
+                         shard_size=int(shard_size) if shard_size else None,
+                         distributed_checkpoint=bool(cfg.get("distributed_checkpoint", False)),
+                         timeout=_timeout(cfg).total_seconds())
 
 
 def _fsdp(cfg: dict[str, Any], block_classes: set[type[nn.Module]]):  # noqa: ANN202
@@ -31,7 +56,7 @@ def _fsdp(cfg: dict[str, Any], block_classes: set[type[nn.Module]]):  # noqa: AN
 
     if not block_classes:
         warnings.warn(
-            "strategy=fsdp: the plugin names no transformer block classes (Objective.block_classes), so FSDP "
+            "strategy=fsdp1: the plugin names no transformer block classes (Objective.block_classes), so FSDP "
             "wraps only the whole model: no per-block sharding, no activation checkpointing. Implement "
             "block_classes() in the plugin's Objective.", stacklevel=2)
     policy = set(block_classes) or None
@@ -43,6 +68,7 @@ def _fsdp(cfg: dict[str, Any], block_classes: set[type[nn.Module]]):  # noqa: AN
         state_dict_type=cfg.get("state_dict_type", "sharded"),
         limit_all_gathers=bool(cfg.get("limit_all_gathers", True)),
         use_orig_params=bool(cfg.get("use_orig_params", True)),
+        timeout=_timeout(cfg),
     )
 
 
@@ -82,12 +108,15 @@ def build_strategy(cfg: Mapping[str, Any] | None, *, block_classes: set[type[nn.
     name = cfg.pop("name", "auto")
     if name == "auto":
         return "auto"
-    if name != "ddp" and name in STRATEGY_NAMES and not _has_gpu(accelerator):
-        raise ModalforgeError(f"strategy={name} needs CUDA GPUs (Lightning runs FSDP and DeepSpeed only there) and "
-                              f"this run has accelerator={accelerator!r} without one; on CPUs use strategy=ddp")
+    if name in GPU_ONLY and not _has_gpu(accelerator):
+        raise ModalforgeError(f"strategy={name} needs CUDA GPUs (Lightning runs FSDP1 and DeepSpeed only there) and "
+                              f"this run has accelerator={accelerator!r} without one; on CPUs use strategy=fsdp "
+                              "(FSDP2) or strategy=ddp")
     if name == "ddp":
         return _ddp(cfg)
     if name == "fsdp":
+        return _fsdp2(cfg, set(block_classes))
+    if name == "fsdp1":
         return _fsdp(cfg, set(block_classes))
     if name in ("deepspeed_zero2", "deepspeed_zero3"):
         return _deepspeed(cfg, int(name[-1]))

@@ -53,8 +53,9 @@ class WhisperASRObjective(ModelObjective):
                                            ignore_index=IGNORE)
         mask = labels != IGNORE
         accuracy = (logits.argmax(-1)[mask] == labels[mask]).float().mean()
-        return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=int(mask.sum()),
-                          batch_size=labels.shape[0])
+        learned = mask.sum()
+        return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=learned,
+                          batch_size=labels.shape[0], num_learned_tokens=learned, mean_over=learned)
 
     def _texts(self, token_rows: list[list[int]]) -> list[str]:
         tokenizer = self.datamodule.processor

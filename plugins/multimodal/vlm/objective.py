@@ -136,7 +136,7 @@ class VLMObjective(ModelObjective):
                          use_cache=False)
         loss, accuracy, count = token_loss_and_accuracy(out.logits, batch["labels"])
         return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=count,
-                          batch_size=batch["input_ids"].shape[0])
+                          batch_size=batch["input_ids"].shape[0], num_learned_tokens=count, mean_over=count)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         return self._forward(batch)

@@ -41,7 +41,8 @@ class CausalLMObjective(ModelObjective):
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         loss, tokens = self._loss(batch)
         rows = batch["input_ids"].shape[0]  # packed blocks without padding; every token but a row's last is a target
-        return StepOutput(loss=loss, num_tokens=tokens, batch_size=rows, num_learned_tokens=tokens - rows)
+        return StepOutput(loss=loss, num_tokens=tokens, batch_size=rows, num_learned_tokens=tokens - rows,
+                          mean_over=tokens - rows)
 
     def validation_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         loss, tokens = self._loss(batch)

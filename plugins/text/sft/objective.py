@@ -50,7 +50,7 @@ class SFTObjective(ModelObjective):
                          position_ids=batch.get("position_ids"), use_cache=False)
         loss, accuracy, count = token_loss_and_accuracy(out.logits, batch["labels"])
         return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=input_token_count(batch),
-                          batch_size=batch["input_ids"].shape[0], num_learned_tokens=count)
+                          batch_size=batch["input_ids"].shape[0], num_learned_tokens=count, mean_over=count)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         out = self._forward(batch)
