@@ -2,7 +2,7 @@
 
 A Llama is built from a ``LlamaConfig`` (768 wide, 12 layers, 16k vocabulary: ~110M parameters),
 saved once to a temp dir in fp32 with ``save_pretrained``, and then each case runs in a fresh
-subprocess so that peaks do not mix: the process's peak RSS (``ru_maxrss``) after importing
+subprocess so that peaks do not mix: the process's peak RSS (``VmHWM``) after importing
 everything, after loading, and after one training step (forward, backward, optimizer step).
 The cases go through modalforge's own path (``build_model`` of ``build_causal_lm`` under
 ``pretrained_loading``, the adapter, ``enable_gradient_checkpointing``, ``build_optimizer``):
@@ -35,8 +35,17 @@ CASES = ("full", "full+gc", "lora", "qlora", "qlora+gc")
 
 
 def peak_mib() -> float:
-    """This process's peak resident set so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set so far, in MiB.
+
+    Linux's ``VmHWM`` belongs to the address space, which ``exec`` replaces, so a case's subprocess
+    starts from zero; ``ru_maxrss`` would carry the parent's peak (the saved model) across ``exec``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
 def save_model(folder: Path, vocab: int, hidden: int, layers: int, intermediate: int) -> int:
