@@ -106,14 +106,20 @@ def _snapshot(module: torch.nn.Module) -> dict[str, tuple[bool, torch.Tensor]]:
     return {n: (p.requires_grad, p.detach().clone()) for n, p in module.named_parameters()}
 
 
-def run_steps(cfg: DictConfig, tmp_path: Path, steps: int) -> tuple[L.Trainer, Any, ConformanceReport]:
-    """Train ``steps`` steps on CPU with no logging; report losses and which parameters moved."""
+def build_configured(cfg: DictConfig) -> tuple[Any, Any]:
+    """The seeded DataModule (set up) and TrainingModule (models built, adapter applied) of ``cfg``."""
     L.seed_everything(int(cfg.seed), verbose=False)
     datamodule, objective, adapter = build_components(cfg)
     module = build_module(cfg, objective, adapter)
     datamodule.setup("fit")
     objective.connect(datamodule)
     module.configure_model()
+    return datamodule, module
+
+
+def run_steps(cfg: DictConfig, tmp_path: Path, steps: int) -> tuple[L.Trainer, Any, ConformanceReport]:
+    """Train ``steps`` steps on CPU with no logging; report losses and which parameters moved."""
+    datamodule, module = build_configured(cfg)
     before = _snapshot(module)
     recorder = _LossRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
@@ -147,12 +153,7 @@ def check_checkpoint_roundtrip(cfg: DictConfig, trainer: L.Trainer, module: Any,
     """A Lightning checkpoint loads into a freshly built module with identical weights."""
     path = Path(tmp_path) / "conformance.ckpt"
     trainer.save_checkpoint(str(path))
-    L.seed_everything(int(cfg.seed), verbose=False)  # as `train` does: a frozen 4-bit base is rebuilt, not loaded
-    datamodule, objective, adapter = build_components(cfg)
-    fresh = build_module(cfg, objective, adapter)
-    datamodule.setup("fit")
-    objective.connect(datamodule)
-    fresh.configure_model()
+    _, fresh = build_configured(cfg)  # seeded as `train` does: a frozen 4-bit base is rebuilt, not loaded
     checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])

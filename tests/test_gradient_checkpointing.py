@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import itertools
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
 
 from modalforge.adapters import enable_gradient_checkpointing
 from modalforge.errors import ConfigError
-from modalforge.run import build_components, build_module
-from modalforge.testing import FAST_OVERRIDES, compose_plugin
+from modalforge.testing import FAST_OVERRIDES, build_configured, compose_plugin
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -32,12 +30,7 @@ def _engaged(model: nn.Module) -> list[str]:
 
 def _train_two_steps(plugin: str, overrides: list[str], checkpointing: bool):
     cfg = compose_plugin(plugin, [*FAST_OVERRIDES, *overrides, f"module.gradient_checkpointing={checkpointing}"])
-    L.seed_everything(int(cfg.seed), verbose=False)
-    datamodule, objective, adapter = build_components(cfg)
-    module = build_module(cfg, objective, adapter)
-    datamodule.setup("fit")
-    objective.connect(datamodule)
-    module.configure_model()
+    datamodule, module = build_configured(cfg)
     module.train()
     torch.manual_seed(1)
     batches = list(itertools.islice(iter(datamodule.train_dataloader()), 2))

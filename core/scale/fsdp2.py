@@ -164,11 +164,13 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
+        from modalforge.module import _is_bnb_quant_state
+
         module = self.lightning_module
         frozen = tuple(module._frozen_prefixes()) if hasattr(module, "_frozen_prefixes") else ()
         if frozen and path.is_file():
             saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
-            missing = [k for k in module.state_dict() if k not in saved and not _is_bnb(k)]
+            missing = [k for k in module.state_dict() if k not in saved and not _is_bnb_quant_state(k)]
             unexpected = [k for k in missing if not k.startswith(frozen)]
             if unexpected:
                 raise RuntimeError(f'Error(s) in loading state_dict for {type(module).__name__}:\n\t'
@@ -185,10 +187,6 @@ def _is_sharded(param: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor)
-
-
-def _is_bnb(key: str) -> bool:
-    return any(part in key for part in (".absmax", ".quant_map", ".nested_", ".quant_state."))
 
 
 def _has_parameters(module: nn.Module | None) -> bool:
