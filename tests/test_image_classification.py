@@ -141,3 +141,15 @@ def test_offline_default_learns_and_saves_a_confusion_matrix(tmp_path):
     matrix = (tmp_path / "final" / "confusion_matrix.csv").read_text().splitlines()
     assert matrix[0].startswith("true\\predicted,bar,circle") and len(matrix) == 7
     assert json.loads((tmp_path / "final" / "labels.json").read_text())[0] == "bar"
+
+
+def test_a_flat_folder_of_images_says_class_sub_folders_are_missing(shapes, tmp_path):
+    import shutil
+
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for file in sorted((shapes / "train").rglob("*.png"))[:3]:
+        shutil.copy(file, flat / f"{file.parent.name}-{file.name}")
+    with pytest.raises(DataError, match=r"photos: 3 images found .* but no class sub-folders") as caught:
+        ImageClassificationDataModule(train=str(flat)).setup()
+    assert "photos/<class>/<image>" in caught.value.hint and ".jsonl" not in str(caught.value)

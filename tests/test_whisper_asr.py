@@ -111,3 +111,41 @@ def test_reads_webdataset_shards_with_audio_and_transcripts(dm, tmp_path):
     shards.setup()
     features, ids, labels = shards.val_set[2]
     assert features.shape == (80, 200) and shards.val_set.items[2].text == lines[2]["text"]
+
+
+def _tones(dm: WhisperASRDataModule, n: int = 4) -> tuple[Path, list[dict]]:
+    folder = Path(dm.synthetic_data()[0]).parent
+    return folder, [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()[:n]]
+
+
+def test_a_wav_cut_short_of_its_header_is_an_error_or_a_counted_skip(dm, tmp_path, caplog):
+    folder, lines = _tones(dm)
+    whole = (folder / lines[0]["audio"]).read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 2])  # libsndfile reads it as a shorter clip
+    rows = [{"audio": str(folder / item["audio"]), "text": item["text"]} for item in lines]
+    rows.append({"audio": "cut.wav", "text": lines[0]["text"]})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=r"cut.wav: truncated audio: 0\.\d+ s of the \d\.\d+ s its header declares"):
+        WhisperASRDataModule(train=str(manifest), val=str(manifest)).setup()
+    skipping = WhisperASRDataModule(train=str(manifest), val=str(manifest), skip_bad=True)
+    with caplog.at_level("WARNING"):
+        skipping.setup()
+    assert "skipped 1 unreadable audio clip(s)" in caplog.text and "cut.wav" in caplog.text
+    assert len(skipping.train_items) == len(skipping.val_set) == len(lines)  # train and val: the same manifest
+    # Without the header pass, the clip stops the run when it is loaded.
+    unchecked = WhisperASRDataModule(train=str(manifest), val=str(manifest), verify=False, val_fraction=0.0)
+    unchecked.setup()
+    index = next(i for i, u in enumerate(unchecked.val_set.items) if u.audio.describe().endswith("cut.wav"))
+    with pytest.raises(DataError, match=r"cut.wav: truncated audio"):
+        unchecked.val_set[index]
+
+
+def test_an_empty_transcript_names_its_file_and_line(dm, tmp_path):
+    folder, lines = _tones(dm, 3)
+    rows = [{"audio": str(folder / item["audio"]), "text": item["text"]} for item in lines]
+    rows[2]["text"] = "  "
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=r"m.jsonl, line 3: empty transcript"):
+        WhisperASRDataModule(train=str(manifest), val=str(manifest)).setup()

@@ -4,11 +4,18 @@ Audio of any sample rate is resampled to 16 kHz and cut or padded to the model's
 window by Whisper's feature extractor. The decoder sequence is
 ``<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|> text <|endoftext|>``;
 the prompt tokens are never learned (labels -100), only the text and the end token.
+
+What the reader refuses, naming file and line: an empty transcript (an empty target teaches the
+model to say nothing), and a WAV file shorter than its header declares (libsndfile reads such a
+file as a shorter clip, silently). The header pass (``data.verify``) finds a cut WAV before
+training and, with ``data.skip_bad=true``, skips and counts it; met while training it stops the run.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,54 @@ class Utterance:
         self.audio, self.text, self.language = audio, text, language
 
 
+def wav_shortfall(ref: AudioRef) -> str | None:
+    """What a RIFF/WAVE clip lacks of the data its header declares, or ``None`` (whole, or not a WAV).
+
+    libsndfile sizes a cut WAV from the file's length, so neither its header read nor a decode
+    shows the cut: the ``data`` chunk's declared size is compared with the bytes that follow it.
+    A size of 0 or 0xFFFFFFFF (a streaming writer that never knew the length) is taken as whole.
+    """
+    try:
+        handle = open(ref.path, "rb") if ref.path is not None else io.BytesIO(ref.data or b"")
+    except OSError:
+        return None  # a missing file is audio_problem's to report
+    with handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        total = handle.seek(0, io.SEEK_END)
+        position, byte_rate = 12, 0
+        while position + 8 <= total:
+            handle.seek(position)
+            chunk, size = handle.read(4), struct.unpack("<I", handle.read(4))[0]
+            if chunk == b"fmt ":
+                body = handle.read(12)
+                byte_rate = struct.unpack("<I", body[8:12])[0] if len(body) == 12 else 0
+            elif chunk == b"data":
+                present = total - position - 8
+                if size in (0, 0xFFFFFFFF) or present >= size:
+                    return None
+                if byte_rate:
+                    return (f"truncated audio: {present / byte_rate:.2f} s of the {size / byte_rate:.2f} s its header "
+                            "declares (a cut or half-copied file)")
+                return f"truncated audio: {present} of the {size} data bytes its header declares (a cut file)"
+            position += 8 + size + (size & 1)
+    return None
+
+
+def clip_problem(ref: AudioRef) -> str | None:
+    """The header pass's check: unreadable or empty (libsndfile), or a cut WAV."""
+    return audio_problem(ref) or wav_shortfall(ref)
+
+
+def _transcript(text: str, record: Record) -> str:
+    text = text.strip()
+    if not text:
+        raise DataError("empty transcript: an empty target teaches the model to say nothing", source=record.source,
+                        location=record.location, hint="fill in the transcript or remove the line")
+    return text
+
+
 def utterance_from_record(record: Record, audio_field: str, text_field: str, default_language: str) -> Utterance:
     if record.source.endswith(".tar"):
         ref = audio_from_sample(record.data, record.where())
@@ -47,10 +102,10 @@ def utterance_from_record(record: Record, audio_field: str, text_field: str, def
                             f"{sorted(k for k in record.data if not k.startswith('__'))}",
                             source=record.source, location=record.location)
         meta = record.data.get("json") if isinstance(record.data.get("json"), dict) else {}
-        return Utterance(ref, text.strip(), meta.get("language", default_language))
+        return Utterance(ref, _transcript(text, record), meta.get("language", default_language))
     require_fields(record, {audio_field: str, text_field: str})
     ref = AudioRef(path=resolve_image_path(record.data[audio_field], record.source), where=record.where())
-    return Utterance(ref, record.data[text_field].strip(), record.data.get("language") or default_language)
+    return Utterance(ref, _transcript(record.data[text_field], record), record.data.get("language") or default_language)
 
 
 class Utterances(Dataset):
@@ -64,6 +119,10 @@ class Utterances(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int], list[int]]:
         item = self.items[index]
+        cut = wav_shortfall(item.audio)  # data.verify=false, or a file cut since the header pass
+        if cut is not None:
+            raise DataError(cut, source=item.audio.describe(),
+                            hint="replace the file, or skip unreadable files with data.skip_bad=true")
         wave = load_audio(item.audio, SAMPLE_RATE)
         features = self.module.feature_extractor(wave.numpy(), sampling_rate=SAMPLE_RATE,
                                                  return_tensors="pt").input_features[0]
@@ -114,7 +173,7 @@ class WhisperASRDataModule(SourcedDataModule):
 
     def read(self, spec: Any, what: str) -> list[Utterance]:
         items = super().read(spec, what)
-        return verify_media(items, lambda u: audio_problem(u.audio), lambda u: u.audio.describe(), what=what,
+        return verify_media(items, lambda u: clip_problem(u.audio), lambda u: u.audio.describe(), what=what,
                             verify=self.verify, skip_bad=self.skip_bad, kind="audio clip")
 
     def fit(self, train: list[Utterance]) -> None:

@@ -40,6 +40,18 @@ def _is_image_folder(spec: Any) -> bool:
     return bool(subdirs) and any(f.suffix.lower() in IMAGE_SUFFIXES for d in subdirs for f in d.iterdir())
 
 
+def _refuse_flat_folder(spec: Any, what: str) -> None:
+    """A folder of images with no class sub-folders: say so and show the layout, not "no .jsonl file"."""
+    if not isinstance(spec, (str, os.PathLike)) or not os.path.isdir(spec):
+        return
+    images = [p.name for p in sorted(Path(spec).iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if images:
+        raise DataError(f"{len(images)} images found (first: {images[0]}) but no class sub-folders: "
+                        "the class of an image is the name of the folder it is in", source=str(spec),
+                        hint=f"lay it out as {Path(spec).name}/<class>/<image> (e.g. {Path(spec).name}/cat/1.png, "
+                             f"{Path(spec).name}/dog/2.png), or give {what} a jsonl/csv manifest of image and label")
+
+
 def _label_key(label: str) -> tuple[int, Any]:
     return (0, int(label)) if label.lstrip("-").isdigit() else (1, label)
 
@@ -103,6 +115,7 @@ class ImageClassificationDataModule(SourcedDataModule):
                     if file.suffix.lower() in IMAGE_SUFFIXES:
                         items.append((ImageRef(path=str(file)), class_dir.name))
         else:
+            _refuse_flat_folder(spec, what)
             items = [self.parse(record) for record in read_records(spec, what=what)]
         if not items:
             raise DataError(f"{what}: no images found in {spec!r}")
