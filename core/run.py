@@ -15,7 +15,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from modalforge import registry
+from modalforge import registry, run_lock
 from modalforge.callbacks.export import ExportOnTrainEnd
 from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoint
 from modalforge.errors import RunDirError
@@ -160,6 +160,12 @@ def close_progress_bars(trainer: L.Trainer) -> None:
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingModule, DataModule]:
+    """Train as the config says, holding ``output_dir``'s lock (one ``train`` per run directory)."""
+    with run_lock.hold(output_dir):
+        return _run(cfg, output_dir)
+
+
+def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingModule, DataModule]:
     """Train as the config says; returns the trainer, module and datamodule for inspection.
 
     The config is validated in full first, and the run directory checked (a finished

@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from modalforge import run_lock
 from modalforge.errors import RunDirError
 
 FINISHED_MARKER = "finished.json"
@@ -40,11 +41,13 @@ def mark_finished(run_dir: str | Path, step: int) -> None:
 
 
 def check_run_dir(run_dir: str | Path, ckpt_path: str | None, overwrite: bool = False) -> None:
-    """Refuse a fresh run over an earlier one, and a resume with nothing to resume.
+    """Refuse a run into a directory another ``train`` uses now, a fresh run over an earlier one,
+    and a resume with nothing to resume.
 
     With ``overwrite=True`` the earlier run's checkpoints, ``final/`` and marker are removed first.
     """
     run_dir = Path(run_dir)
+    run_lock.check_free(run_dir)  # another train in this run_dir now: say so, not "holds checkpoints"
     fresh = ckpt_path in (None, "", "null")
     if ckpt_path == "last" and not has_checkpoints(run_dir):
         where = run_dir / "checkpoints"

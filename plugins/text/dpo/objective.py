@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from modalforge.data.cache import cache_root
+from modalforge.data.cache import cache_root, write_atomic
 from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.plugins.text.causal_lm.model import block_classes_for
@@ -260,7 +260,7 @@ class DPOObjective(ModelObjective):
             digest.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
         path = cache_root(dm.cache_dir) / "dpo_reference" / f"{digest.hexdigest()[:20]}.pt"
         if path.exists():
-            self._table = torch.load(path, map_location="cpu")
+            self._table = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
             return self._table
         was_training = self.model.training
         self.model.eval()
@@ -277,9 +277,7 @@ class DPOObjective(ModelObjective):
                     rows.append(torch.stack(logps.chunk(2), dim=1))
                 table[split] = torch.cat(rows)
         self.model.train(was_training)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(table, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
+        write_atomic(path, lambda tmp: torch.save(table, tmp))  # two runs at once: no torn file
         self._table = table
         return table
 
