@@ -20,6 +20,7 @@ from modalforge.callbacks.export import ExportOnTrainEnd
 from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoint
 from modalforge.errors import RunDirError
 from modalforge.callbacks.interrupt import CheckpointOnInterrupt
+from modalforge.callbacks.nonfinite import NonFiniteGuard
 from modalforge.callbacks.rng_state import RNGState
 from modalforge.callbacks.step_checkpoint import StepCheckpoint
 from modalforge.interfaces import Adapter, DataModule, Objective
@@ -63,6 +64,9 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     # Per-rank seeds (seed + rank) once the model is built, and RNG states in checkpoints: exact resume.
     callbacks.append(RNGState(seed=int(cfg.get("seed", 0))))
+    module_cfg = cfg.get("module") or {}
+    # A NaN/Inf loss or gradient norm: stop (or skip the step) before the weights or a checkpoint take it.
+    callbacks.append(NonFiniteGuard(str(module_cfg.get("nonfinite", "stop")), int(module_cfg.get("max_skipped_steps", 10))))
     ckpt = cfg.get("checkpoint", {})
     if enable_checkpointing:
         callbacks.append(StepCheckpoint(

@@ -281,7 +281,9 @@ def validate_config(cfg: DictConfig) -> None:
         _check_against_defaults("optim", plain["optim"], _optim_choices())
     for name in ("module", "checkpoint"):
         if plain.get(name) is not None:
-            _check_against_defaults(name, plain[name], {})
+            from modalforge.callbacks.nonfinite import NONFINITE_MODES
+
+            _check_against_defaults(name, plain[name], {"nonfinite": NONFINITE_MODES} if name == "module" else {})
     for name in ("data", "adapter"):
         node = plain.get(name)
         if isinstance(node, Mapping) and node.get("_target_"):

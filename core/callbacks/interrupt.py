@@ -30,6 +30,10 @@ class CheckpointOnInterrupt(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.global_step == 0:
             return  # nothing trained yet: keep whatever checkpoint was there
+        from modalforge.callbacks.nonfinite import NonFiniteError
+
+        if isinstance(exception, NonFiniteError):
+            return  # a NaN step: the last good checkpoint stays the newest, nothing is written after it
         trainer.save_checkpoint(str(self.path))
         how = "resume with the same command plus ckpt_path=last"
         if isinstance(exception, DataError):
