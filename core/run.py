@@ -21,6 +21,7 @@ from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoi
 from modalforge.errors import RunDirError
 from modalforge.callbacks.interrupt import CheckpointOnInterrupt
 from modalforge.callbacks.nonfinite import NonFiniteGuard
+from modalforge.callbacks.out_of_memory import OutOfMemoryReport, explain_out_of_memory
 from modalforge.callbacks.rng_state import RNGState
 from modalforge.callbacks.step_checkpoint import StepCheckpoint
 from modalforge.interfaces import Adapter, DataModule, Objective
@@ -67,6 +68,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
     module_cfg = cfg.get("module") or {}
     # A NaN/Inf loss or gradient norm: stop (or skip the step) before the weights or a checkpoint take it.
     callbacks.append(NonFiniteGuard(str(module_cfg.get("nonfinite", "stop")), int(module_cfg.get("max_skipped_steps", 10))))
+    # Out of memory: the batch in hand for the error line; frees the failed step so the state can be saved.
+    callbacks.append(OutOfMemoryReport())
     ckpt = cfg.get("checkpoint", {})
     if enable_checkpointing:
         callbacks.append(StepCheckpoint(
@@ -211,6 +214,9 @@ def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMo
         explained = explain_load_error(err, ckpt_path, old_config, run_config) if ckpt_path else None
         if explained is not None:
             raise explained from err
+        oom = explain_out_of_memory(err, trainer, run_config)
+        if oom is not None:
+            raise oom from err
         raise
     if trainer.interrupted:
         return trainer, module, datamodule
