@@ -78,7 +78,7 @@ def test_mask_token_by_token_on_a_multi_turn_chat_with_a_tool_call(dm):
             current.append(token)
     spans.append(tokenizer.decode(current)) if current else None
     call = json.dumps(CHAT[4]["tool_calls"][0]["function"])
-    assert spans == ["7<|im_end|>\n", f"<tool_call>{call}</tool_call><|im_end|>\n", "18<|im_end|>\n"]
+    assert spans == ["7<|im_end|>", f"<tool_call>{call}</tool_call><|im_end|>", "18<|im_end|>"]
     everything = tokenize_conversation(tokenizer, CHAT, train_on="all")
     assert everything.labels == everything.input_ids
 

@@ -9,6 +9,7 @@ Detected per record (or forced with ``data.format=``):
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from modalforge.data.errors import DataError
@@ -56,7 +57,10 @@ def as_messages(value: Any, role: str, record: Record, field: str) -> list[Messa
 
 def check_messages(messages: list[Message], record: Record, *, need_assistant: bool = True,
                    field: str = "messages") -> list[Message]:
-    """Every message a mapping with a known ``role`` and string ``content`` (or tool calls), checked where read."""
+    """Every message a mapping with a known ``role`` and string ``content`` (or tool calls), checked where read.
+
+    Returns a normalised copy: content parts joined as text, tool-call arguments as objects."""
+    messages = list(messages)
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise DataError(f"{field}[{i}] has no 'role' (expected {{'role': ..., 'content': ...}})",
@@ -71,10 +75,57 @@ def check_messages(messages: list[Message], record: Record, *, need_assistant: b
         if content is not None and not isinstance(content, (str, list)):
             raise DataError(f"{field}[{i}] ({message['role']}) content is {type(content).__name__}, expected a string",
                             source=record.source, location=record.location)
+        if isinstance(content, list):
+            message = {**message, "content": text_of_parts(content, record, f"{field}[{i}]")}
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [_parse_arguments(c, record, f"{field}[{i}]")
+                                                 for c in message["tool_calls"]]}
+        messages[i] = message
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{field}: the conversation has no assistant message to learn from",
                         source=record.source, location=record.location)
     return messages
+
+
+def text_of_parts(parts: list[Any], record: Record, field: str) -> str:
+    """OpenAI / HF content parts (``[{"type": "text", "text": ...}]``) joined as the text they carry.
+
+    Joined, not left as a list: most published templates print a list content as its
+    Python repr. Any other part (an image, audio) is an error here: the text plugins have
+    no encoder for it."""
+    texts = []
+    for j, part in enumerate(parts):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise DataError(f"{field} content part {j} is of type {kind!r}; this text-only plugin takes only "
+                            "'text' parts", source=record.source, location=record.location,
+                            hint="images belong to plugin=vlm; drop the non-text parts for a text model")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _parse_arguments(call: Any, record: Record, field: str) -> Any:
+    """A tool call whose ``arguments`` is a JSON string (OpenAI's wire format) gets them as an object.
+
+    Templates print ``arguments | tojson``: a string would be quoted a second time, so the
+    two spellings of the same call would train two different outputs."""
+    if not isinstance(call, dict):
+        return call
+    function = call.get("function") if isinstance(call.get("function"), dict) else None
+    holder = function if function is not None else call
+    arguments = holder.get("arguments")
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError as err:
+        raise DataError(f"{field} tool call arguments are a string that is not JSON ({err.msg}): {arguments[:60]!r}",
+                        source=record.source, location=record.location) from None
+    holder = {**holder, "arguments": parsed}
+    return {**call, "function": holder} if function is not None else holder
 
 
 def _check(messages: list[Message], record: Record) -> list[Message]:
@@ -122,3 +173,37 @@ def split_prompt(messages: list[Message]) -> tuple[list[Message], list[Message]]
     last_user = max(i for i, m in enumerate(messages) if m["role"] != "assistant") if any(
         m["role"] != "assistant" for m in messages) else -1
     return messages[: last_user + 1], messages[last_user + 1:]
+
+
+def record_tools(record: Record) -> list[dict[str, Any]] | None:
+    """The record's ``tools`` (JSON-schema function specs) for the chat template, or ``None``.
+
+    Some datasets store the list as a JSON string; it is parsed here, once."""
+    tools = record.data.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise DataError(f"field 'tools' is a string that is not JSON ({err.msg})", source=record.source,
+                            location=record.location) from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError("field 'tools' must be a list of function specs ({'type': 'function', 'function': {...}})",
+                        source=record.source, location=record.location)
+    return tools
+
+
+def fold_system(messages: list[Message]) -> list[Message]:
+    """The system messages put in front of the first user turn (``data.system_prompt=fold``).
+
+    For templates without a system role (Gemma 2 raises) or that drop it (Mistral v0.3
+    keeps it only when the conversation ends on a user turn)."""
+    system = [str(m.get("content") or "") for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
+    first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if not system or first_user is None:
+        return messages
+    user = rest[first_user]
+    rest[first_user] = {**user, "content": "\n\n".join(system + [str(user.get("content") or "")])}
+    return rest

@@ -8,6 +8,7 @@ as JSON inside the turn.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from modalforge.errors import ModalforgeError
@@ -41,9 +42,15 @@ SPECIAL_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>", "<tool_call>", "</too
 
 
 def template_named(name: str) -> str:
+    """A built-in template by name, or the text of a ``.jinja`` file (a published template saved as-is)."""
+    if name.endswith((".jinja", ".jinja2", ".j2")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModalforgeError(f"data.chat_template={name!r}: no such file")
+        return path.read_text(encoding="utf-8")
     if name not in TEMPLATES:
-        raise ModalforgeError(f"data.chat_template={name!r} is not one of: {', '.join(TEMPLATES)}, or 'tokenizer' "
-                              "(use the tokenizer's own)")
+        raise ModalforgeError(f"data.chat_template={name!r} is not one of: {', '.join(TEMPLATES)}, 'tokenizer' "
+                              "(use the tokenizer's own), or a .jinja file")
     return TEMPLATES[name]
 
 

@@ -1,22 +1,33 @@
 """Tokenise a conversation with its chat template and a mask of the tokens to learn.
 
-Each turn is rendered as the template renders the conversation up to it, and only
-the new text is tokenised, so the mask knows which tokens belong to which turn.
-Assistant turns are learned from their first content token to the end of turn
-marker (the header "<|im_start|>assistant" is prompt); with ``train_on="all"``
-every token is learned. Written by hand because ``return_assistant_tokens_mask``
-only works with templates that carry ``{% generation %}`` markers, which most
-tokenizers' own templates lack.
+The input ids are exactly ``tokenizer.apply_chat_template(messages, tools=tools)``: the
+whole conversation is rendered once and tokenised once. The mask comes from the
+template's ``{% generation %}`` blocks where it has them, else from
+:func:`~modalforge.plugins.text.chat.spans.assistant_spans`, which locates every
+assistant message in that one rendering with sentinel renderings and checks the
+result. Assistant turns are learned from the end of the generation prompt to their
+end-of-turn marker (the header ``<|im_start|>assistant`` is prompt; the newline after
+``<|im_end|>`` is not learned); ``train_on="all"`` learns every token. A template that
+raises, or whose rendering cannot be located exactly, is a ``DataError`` naming the
+record: never a silently different token sequence.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from modalforge.data.errors import DataError
 from modalforge.plugins.text.chat.formats import Message
+from modalforge.plugins.text.chat.spans import END_MARKERS, SpanError, added_tokens, assistant_spans
 
 IGNORE = -100
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_HINTS = {"alternate": "this template needs user/assistant turns to alternate: merge consecutive turns of one "
+                       "role, or choose another template with data.chat_template=",
+          "system role": "this template has no system role: set data.system_prompt=fold to fold the system prompt "
+                         "into the first user turn"}
 
 
 @dataclass
@@ -28,43 +39,117 @@ class Tokenized:
         return len(self.input_ids)
 
 
-def _render(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> str:
+def _template_name(tokenizer: Any) -> str:
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    return f"the chat template of {name}" if name and len(name) < 80 else "the chat template"
+
+
+def render(tokenizer: Any, messages: list[Message], generation_prompt: bool = False, *,
+           tools: list[dict[str, Any]] | None = None, where: str | None = None) -> str:
+    """``apply_chat_template`` as text; a template that raises is one ``DataError`` line naming the record."""
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as err:  # noqa: BLE001 - jinja2 TemplateError (raise_exception), TypeError, KeyError...
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        lowered = text.lower()
+        hint = next((h for key, h in _HINTS.items() if key in lowered), None)
+        raise DataError(f"{_template_name(tokenizer)} refused this conversation: {text}", source=where,
+                        hint=hint) from None
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[Message], *, train_on: str = "assistant") -> Tokenized:
-    """Token ids and labels (``-100`` where nothing is learned) of a whole conversation."""
-    ids: list[int] = []
-    labels: list[int] = []
-    rendered = ""
-    for k, message in enumerate(messages):
-        full = _render(tokenizer, messages[: k + 1], False)
-        if message["role"] == "assistant":
-            prompt = _render(tokenizer, messages[:k], True)  # history + the assistant header
-            header, body = prompt[len(rendered):], full[len(prompt):]
-        else:
-            header, body = full[len(rendered):], ""
-        header_ids, body_ids = _encode(tokenizer, header), _encode(tokenizer, body)
-        ids += header_ids + body_ids
-        learn_header = train_on == "all"
-        labels += (header_ids if learn_header else [IGNORE] * len(header_ids)) + body_ids
-        rendered = full
-    return Tokenized(ids, labels)
+def _markers(tokenizer: Any) -> tuple[str, ...]:
+    eos = getattr(tokenizer, "eos_token", None)
+    return tuple(dict.fromkeys(END_MARKERS + ((eos,) if eos else ())))
 
 
-def tokenize_prompt(tokenizer: Any, messages: list[Message]) -> list[int]:
+def _label_spans(tokenizer: Any, full: str, spans: list[tuple[int, int]], where: str | None) -> Tokenized:
+    """Token ids of ``full`` and labels where a token overlaps a learned character span."""
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: tokenise the pieces and check they add up
+        ids, labels, at = [], [], 0
+        for start, end in spans:
+            prompt, learned = _encode(tokenizer, full[at:start]), _encode(tokenizer, full[start:end])
+            ids += prompt + learned
+            labels += [IGNORE] * len(prompt) + learned
+            at = end
+        rest = _encode(tokenizer, full[at:])
+        ids, labels = ids + rest, labels + [IGNORE] * len(rest)
+        if ids != _encode(tokenizer, full):
+            raise DataError("this (slow) tokenizer tokenises the assistant turns differently alone than in the "
+                            "whole conversation; use its fast version", source=where)
+        return Tokenized(ids, labels)
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels, i = encoding["input_ids"], [], 0
+    spans = [span for span in spans if span[1] > span[0]]
+    for token, (s, e) in zip(ids, encoding["offset_mapping"]):
+        while i < len(spans) and spans[i][1] <= s:
+            i += 1
+        inside = i < len(spans) and (e > spans[i][0] if e > s else s >= spans[i][0])
+        labels.append(token if inside else IGNORE)
+    return Tokenized(list(ids), labels)
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[Message], *, train_on: str = "assistant",
+                          tools: list[dict[str, Any]] | None = None, where: str | None = None) -> Tokenized:
+    """Token ids (``apply_chat_template`` of the whole conversation) and labels (``-100`` where nothing is learned)."""
+    full = render(tokenizer, messages, tools=tools, where=where)
+    for message in messages:
+        content = message.get("content")
+        if message["role"] == "system" and isinstance(content, str) and content.strip() not in full:
+            raise DataError(f"{_template_name(tokenizer)} drops the system message of this conversation", source=where,
+                            hint="set data.system_prompt=fold to fold it into the first user turn")
+    if train_on == "all":
+        ids = _encode(tokenizer, full)
+        return Tokenized(ids, list(ids))
+    template = _template_text(tokenizer, tools)
+    if template and _GENERATION.search(template):
+        try:
+            out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+        except Exception as err:  # noqa: BLE001 - e.g. a slow tokenizer (no offsets)
+            raise DataError(f"{_template_name(tokenizer)}: its {{% generation %}} mask failed: {err}",
+                            source=where) from None
+        ids = list(out["input_ids"])
+        return Tokenized(ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])])
+    try:
+        spans = assistant_spans(lambda m, g: render(tokenizer, m, g, tools=tools, where=where), messages, full,
+                                specials=added_tokens(tokenizer), markers=_markers(tokenizer))
+    except SpanError as err:
+        raise DataError(f"{_template_name(tokenizer)}: {err}; refusing rather than training tokens the template "
+                        "does not render", source=where,
+                        hint="choose a template that renders it, e.g. data.chat_template=chatml") from None
+    return _label_spans(tokenizer, full, spans, where)
+
+
+def _template_text(tokenizer: Any, tools: Any) -> str | None:
+    try:
+        return tokenizer.get_chat_template(None, tools)
+    except Exception:  # noqa: BLE001 - no template: render() has already said so
+        return getattr(tokenizer, "chat_template", None)
+
+
+def tokenize_prompt(tokenizer: Any, messages: list[Message], *, tools: list[dict[str, Any]] | None = None,
+                    where: str | None = None) -> list[int]:
     """The prompt with the assistant header, ready for generation or a completion."""
-    return _encode(tokenizer, _render(tokenizer, messages, True))
+    return _encode(tokenizer, render(tokenizer, messages, True, tools=tools, where=where))
 
 
-def tokenize_completion(tokenizer: Any, prompt: list[Message], completion: list[Message]) -> list[int]:
-    """The completion's tokens as the template renders them after ``prompt`` (end-of-turn included)."""
-    before = _render(tokenizer, prompt, True)
-    after = _render(tokenizer, prompt + completion, False)
+def tokenize_completion(tokenizer: Any, prompt: list[Message], completion: list[Message], *,
+                        tools: list[dict[str, Any]] | None = None, where: str | None = None) -> list[int]:
+    """The completion's tokens as the template renders them after ``prompt`` (end-of-turn included).
+
+    Only where the prompt with its generation prompt is a prefix of the whole rendering;
+    otherwise the completion would start mid-token or mid-header, so it is refused."""
+    before = render(tokenizer, prompt, True, tools=tools, where=where)
+    after = render(tokenizer, prompt + completion, False, tools=tools, where=where)
+    if not after.startswith(before):
+        raise DataError(f"{_template_name(tokenizer)} does not render the prompt with its generation prompt as a "
+                        "prefix of the prompt with its completion, so the completion cannot be cut out exactly",
+                        source=where)
     return _encode(tokenizer, after[len(before):])

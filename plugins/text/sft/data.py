@@ -20,13 +20,15 @@ from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
 from modalforge.data.readers import Record
-from modalforge.plugins.text.chat.formats import Message, split_prompt, to_messages
+from modalforge.plugins.text.chat.formats import Message, fold_system, record_tools, split_prompt, to_messages
 from modalforge.plugins.text.chat.packing import collate_rows, pack_first_fit
 from modalforge.plugins.text.chat.synthetic import write_alignment_sets
 from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized, tokenize_conversation
 from modalforge.plugins.text.chat.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
+#: One parsed record: its messages, where it was read (file, line) and its ``tools`` for the template.
+Item = tuple[list[Message], str, list[dict[str, Any]] | None]
 
 
 class Rows(Dataset):
@@ -59,7 +61,10 @@ class SFTDataModule(SourcedDataModule):
         train / val: sources as every plugin takes them (files, globs, shards, ``hf:``, a weighted
             mixture, named validation sets); ``None`` generates the arithmetic demo set.
         format: force a record format (``prompt_completion``, ``messages``, ``alpaca``, ``sharegpt``); ``None`` detects.
-        chat_template: ``auto`` (the tokenizer's own, else chatml), ``tokenizer``, ``chatml`` or ``llama3``.
+        chat_template: ``auto`` (the tokenizer's own, else chatml), ``tokenizer``, ``chatml``, ``llama3``, or a
+            ``.jinja`` file.
+        system_prompt: ``keep`` (as the template renders it) or ``fold`` (into the first user turn, for templates
+            without a system role).
         train_on: ``assistant`` (completion-only loss) or ``all``.
         max_length: tokens per example (and per packed row).
         too_long: ``error`` (default, names file and line), ``truncate`` or ``drop`` (counted and reported).
@@ -73,7 +78,8 @@ class SFTDataModule(SourcedDataModule):
 
     def __init__(self, train: Any = None, val: Any = None,
                  format: Literal["prompt_completion", "messages", "alpaca", "sharegpt"] | None = None,
-                 chat_template: str = "auto", train_on: Literal["assistant", "all"] = "assistant",
+                 chat_template: str = "auto", system_prompt: Literal["keep", "fold"] = "keep",
+                 train_on: Literal["assistant", "all"] = "assistant",
                  max_length: int = 256, too_long: Literal["error", "truncate", "drop"] = "error",
                  packing: bool = True, packing_attention: Literal["position_ids", "dense"] = "position_ids",
                  tokenizer: str | None = None, vocab_size: int = 512, batch_size: int = 16,
@@ -83,28 +89,34 @@ class SFTDataModule(SourcedDataModule):
                          cache_dir=cache_dir, seed=seed)
         if train_on not in ("assistant", "all"):
             raise DataError(f"data.train_on={train_on!r} is not one of: assistant, all")
+        if system_prompt not in ("keep", "fold"):
+            raise DataError(f"data.system_prompt={system_prompt!r} is not one of: keep, fold")
         if too_long not in ("error", "truncate", "drop"):
             raise DataError(f"data.too_long={too_long!r} is not one of: error, truncate, drop")
         self.format, self.chat_template, self.train_on, self.max_length = format, chat_template, train_on, max_length
         self.too_long, self.packing, self.packing_attention = too_long, packing, packing_attention
-        self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
+        self.tokenizer_name, self.vocab_size, self.system_prompt = tokenizer, vocab_size, system_prompt
         self.stats: dict[str, float] = {}
 
     def synthetic_data(self) -> tuple[str, str]:
         folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "alignment-v1", write_alignment_sets)
         return str(folder / "sft_train.jsonl"), str(folder / "sft_val.jsonl")
 
-    def parse(self, record: Record) -> tuple[list[Message], str]:
-        return to_messages(record, self.format), record.where()
+    def parse(self, record: Record) -> Item:
+        messages = to_messages(record, self.format)
+        if self.system_prompt == "fold":
+            messages = fold_system(messages)
+        return messages, record.where(), record_tools(record)
 
-    def fit(self, train_items: list[tuple[list[Message], str]]) -> None:
-        self.processor = build_tokenizer(self.tokenizer_name, self.chat_template, [m for m, _ in train_items],
+    def fit(self, train_items: list[Item]) -> None:
+        self.processor = build_tokenizer(self.tokenizer_name, self.chat_template, [m for m, *_ in train_items],
                                          self.vocab_size, self.cache_dir)
 
-    def _tokenize(self, conversations: list[tuple[list[Message], str]], what: str) -> list[Tokenized]:
+    def _tokenize(self, conversations: list[Item], what: str) -> list[Tokenized]:
         examples, dropped = [], []
-        for messages, where in conversations:
-            example = tokenize_conversation(self.processor, messages, train_on=self.train_on)
+        for messages, where, tools in conversations:
+            example = tokenize_conversation(self.processor, messages, train_on=self.train_on, tools=tools,
+                                            where=where)
             if len(example) > self.max_length:
                 if self.too_long == "error":
                     raise DataError(f"example of {len(example)} tokens is longer than data.max_length="
@@ -124,7 +136,7 @@ class SFTDataModule(SourcedDataModule):
             raise DataError(f"{what}: no example left to train on")
         return examples
 
-    def build(self, items: list[tuple[list[Message], str]], what: str) -> Rows:
+    def build(self, items: list[Item], what: str) -> Rows:
         examples = self._tokenize(items, what)
         packed = pack_first_fit(examples, self.max_length)
         if what.startswith("data.train"):
@@ -148,4 +160,4 @@ class SFTDataModule(SourcedDataModule):
                 "eos_token_id": t.eos_token_id}
 
     def sample_inputs(self, n: int) -> list[list[Message]]:
-        return [split_prompt(m)[0] for m, _ in self.first_val_items()[:n]]
+        return [split_prompt(m)[0] for m, *_ in self.first_val_items()[:n]]
