@@ -46,7 +46,7 @@ def resolve_source(source: str | Path) -> tuple[Path, Path]:
     return path, run_dir
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path, trust: bool = False) -> dict[str, Any]:
     if _is_distributed(path):  # a sharded (FSDP2) checkpoint: a folder written by torch.distributed.checkpoint
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
@@ -58,7 +58,7 @@ def _read(path: Path) -> dict[str, Any]:
         if "state_dict" not in checkpoint and "model" in checkpoint:
             checkpoint["state_dict"] = checkpoint.pop("model")
         return checkpoint
-    return read_checkpoint(str(path))
+    return read_checkpoint(str(path), trust=trust, switch="--trust")  # weights_only=True unless --trust
 
 
 def _run_config(checkpoint: dict[str, Any], run_dir: Path, path: Path) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def _run_config(checkpoint: dict[str, Any], run_dir: Path, path: Path) -> dict[s
 
 
 def export_checkpoint(source: str | Path, out: str | Path | None = None, *, merge_lora: bool = False,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, trust: bool = False) -> Path:
     """Write the checkpoint ``source`` (or a run directory's newest) in the ``final/`` layout; returns the folder.
 
     Args:
@@ -84,13 +84,14 @@ def export_checkpoint(source: str | Path, out: str | Path | None = None, *, merg
         merge_lora: merge a PEFT adapter into the base weights (default: as the run's own export would,
             ``checkpoint.export_merged``, merged when the base was built from scratch).
         overwrite: replace ``out`` if it exists.
+        trust: unpickle any object in the checkpoint (``torch.load(weights_only=False)``): a trusted file only.
     """
     from omegaconf import OmegaConf
 
     from modalforge.run import build_components, build_module
 
     path, run_dir = resolve_source(source)
-    checkpoint = _read(path)
+    checkpoint = _read(path, trust)
     cfg = OmegaConf.create(_run_config(checkpoint, run_dir, path))
     step = int(checkpoint.get("global_step", 0))
     directory = Path(out).expanduser() if out else run_dir / "export" / f"step{step:07d}"
@@ -133,7 +134,8 @@ def export_checkpoint(source: str | Path, out: str | Path | None = None, *, merg
 
 def main(args: Any) -> None:
     """``modalforge export`` (arguments from :func:`add_arguments`)."""
-    directory = export_checkpoint(args.source, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    directory = export_checkpoint(args.source, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite,
+                                  trust=getattr(args, "trust", False))
     print(f"[modalforge] exported {args.source} to {directory}")
 
 
@@ -143,3 +145,5 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--merge-lora", action="store_true",
                         help="merge a LoRA (PEFT) adapter into the base weights instead of saving the adapter")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--trust", action="store_true", help="load a checkpoint that holds more than tensors and "
+                        "plain values (unpickling can run code: only for a file you trust)")

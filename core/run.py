@@ -182,7 +182,8 @@ def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMo
     validate_config(cfg)
     check_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-    old_config = read_checkpoint(ckpt_path).get(CONFIG_KEY) if ckpt_path else None
+    trust = bool((cfg.get("checkpoint") or {}).get("trust", False))  # checkpoint.trust: unpickle any object
+    old_config = read_checkpoint(ckpt_path, trust=trust).get(CONFIG_KEY) if ckpt_path else None
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule, objective, adapter = build_components(cfg)
@@ -208,7 +209,7 @@ def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMo
     if ckpt_path:
         print(f"[modalforge] resuming from {ckpt_path}")
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
     except BaseException as err:
         close_progress_bars(trainer)
         explained = explain_load_error(err, ckpt_path, old_config, run_config) if ckpt_path else None

@@ -26,6 +26,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig
 
+from modalforge.checkpoints import read_checkpoint
 from modalforge.config import compose
 from modalforge.run import build_components, build_module
 
@@ -152,9 +153,9 @@ def check_loss_falls(losses: Sequence[float], window: int = 3) -> None:
 def check_checkpoint_roundtrip(cfg: DictConfig, trainer: L.Trainer, module: Any, tmp_path: Path) -> None:
     """A Lightning checkpoint loads into a freshly built module with identical weights."""
     path = Path(tmp_path) / "conformance.ckpt"
-    trainer.save_checkpoint(str(path))
+    trainer.save_checkpoint(str(path), weights_only=False)  # full state, as a run's checkpoints
     _, fresh = build_configured(cfg)  # seeded as `train` does: a frozen 4-bit base is rebuilt, not loaded
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(str(path))  # weights_only=True: a checkpoint must load without unpickling code
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])
     expected = module.state_dict()

@@ -34,7 +34,7 @@ class CheckpointOnInterrupt(L.Callback):
 
         if isinstance(exception, NonFiniteError):
             return  # a NaN step: the last good checkpoint stays the newest, nothing is written after it
-        trainer.save_checkpoint(str(self.path))
+        trainer.save_checkpoint(str(self.path), weights_only=False)  # the full state (optimizer, loops): a resume point
         how = "resume with the same command plus ckpt_path=last"
         if isinstance(exception, DataError):
             # Resuming alone would meet the same record again.

@@ -168,8 +168,9 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         module = self.lightning_module
         frozen = tuple(module._frozen_prefixes()) if hasattr(module, "_frozen_prefixes") else ()
+        safe = weights_only is not False  # checkpoint.trust=true passes False; otherwise no code runs on load
         if frozen and path.is_file():
-            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=safe)["state_dict"]
             missing = [k for k in module.state_dict() if k not in saved and not _is_bnb_quant_state(k)]
             unexpected = [k for k in missing if not k.startswith(frozen)]
             if unexpected:
@@ -177,10 +178,10 @@ class FSDP2Strategy(ModelParallelStrategy):
                                    f'Missing key(s) in state_dict: "{unexpected[0]}"')
             strict, module.strict_loading = module.strict_loading, False  # only the frozen helpers' keys are absent
             try:
-                return super().load_checkpoint(path, weights_only=False)
+                return super().load_checkpoint(path, weights_only=safe)
             finally:
                 module.strict_loading = strict
-        return super().load_checkpoint(path, weights_only=False)
+        return super().load_checkpoint(path, weights_only=safe)
 
 
 def _is_sharded(param: torch.Tensor) -> bool:
