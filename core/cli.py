@@ -58,26 +58,48 @@ def _report_user_error(err: BaseException) -> None:
 def _task(cfg) -> None:  # noqa: ANN001 - DictConfig, imported lazily
     from hydra.core.hydra_config import HydraConfig
 
-    from modalforge.errors import missing_dependency, user_error
+    from modalforge.errors import distributed_failure, missing_dependency, user_error
     from modalforge.run import run
+    from modalforge.scale import launch
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    launch.watch_children()  # a dead child process: this process reports it rather than being SIGKILLed silently
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
     except SIGTERMException:  # a SystemExit: a preempted job, checkpointed by CheckpointOnInterrupt
         sys.stdout.flush()
-        print("[modalforge] stopped by SIGTERM after a checkpoint; the same command plus ckpt_path=last resumes",
-              file=sys.stderr)
+        if launch.is_rank_zero():
+            print("[modalforge] stopped by SIGTERM after a checkpoint; the same command plus ckpt_path=last resumes",
+                  file=sys.stderr)
         raise SystemExit(SIGTERM_EXIT) from None
     except Exception as err:  # noqa: BLE001 - user errors print one line; bugs keep their trace
         known = user_error(err)
         if known is not None:
             _report_user_error(known)
+        failure = distributed_failure(err)
+        if failure is not None:
+            _report_rank_failure(err, failure)
         hint = missing_dependency(err)
         if hint is None:
             raise
         _fail(hint)
+
+
+def _report_rank_failure(err: BaseException, what: str) -> None:
+    """A multi-process run lost a rank (dead, hung, unreachable): one ``error:`` line, the others stopped, exit 2."""
+    import torch.distributed as dist
+
+    from modalforge.errors import ModalforgeError
+    from modalforge.scale import launch
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else launch.process_rank()
+    child = launch.child_failure(wait_s=2.0)  # under Lightning's launcher: which child died, and how
+    launch.stop_children()  # a hung child would outlive the run
+    failure = ModalforgeError(f"{child + '; ' if child else ''}{what}", where=f"rank {rank}",
+                              hint="the same command plus ckpt_path=last continues from the last saved checkpoint")
+    failure.__cause__ = err  # MODALFORGE_DEBUG=1 shows the original trace
+    _report_user_error(failure)
 
 
 #: ``train`` stopped by SIGTERM (a preempted job) exits 128 + 15, as a shell reports it.
@@ -99,6 +121,7 @@ def _precheck(argv: list[str]) -> list[str]:
 
     from modalforge.config import compose
     from modalforge.rundir import attempt_subdir, check_run_dir
+    from modalforge.scale import launch
     from modalforge.validate import validate_config
 
     overrides = [a for a in argv if not a.startswith("-")]
@@ -107,18 +130,26 @@ def _precheck(argv: list[str]) -> list[str]:
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors, turned into one line
         raise _composition_error(err, overrides) from None
     validate_config(cfg)
+    extra = []
+    launcher = launch.detect()
+    if launcher is not None:  # torchrun / srun: trainer.num_nodes and devices follow it; one run_dir for all ranks
+        extra += launch.fit_trainer(cfg, overrides, launcher)
+        agreed = launch.agree_run_dir(cfg, launcher)
+        if agreed is not None:
+            extra.append(f"run_dir={launch.override_value(agreed)}")
+            cfg.run_dir = agreed
     if any(o.split("=", 1)[0].lstrip("+~") in ("hydra.run.dir", "hydra.output_subdir") for o in overrides):
-        return []
+        return extra
     try:
         run_dir = Path(str(cfg.run_dir))
     except Exception:  # noqa: BLE001 - an interpolation only a running job resolves
-        return []
+        return extra
     check_run_dir(run_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     subdir = attempt_subdir(run_dir)
-    if subdir is not None and not bool(cfg.get("overwrite", False)):
+    if subdir is not None and not bool(cfg.get("overwrite", False)) and launch.is_rank_zero():
         print(f"[modalforge] {run_dir} was used before: this attempt's config goes to {run_dir / subdir}")
-        return [f"hydra.output_subdir={subdir}"]
-    return []
+        return [*extra, f"hydra.output_subdir={subdir}"]
+    return extra
 
 
 def _composition_error(err: BaseException, overrides: list[str]) -> BaseException:
@@ -212,6 +243,9 @@ def train(argv: Sequence[str] | None = None) -> None:
         except ModalforgeError as err:
             _report_user_error(err)
 
+    from modalforge.scale.launch import rank_hydra_overrides
+
+    argv += rank_hydra_overrides(argv)  # ranks other than zero write no .hydra/ and no cli.log
     import hydra
 
     sys.argv = [sys.argv[0], *argv]

@@ -91,3 +91,37 @@ def missing_dependency(err: BaseException) -> str | None:
             return f"this plugin needs the package {top!r}, which is not installed: {hint}"
         current = current.__cause__ or current.__context__
     return None
+
+
+
+
+#: gloo's words for a peer that died (its sockets closed) and for a collective that waited past ``strategy.timeout``.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "connection refused", "broken pipe")
+_TIMED_OUT = ("timed out",)
+
+
+def distributed_failure(err: BaseException) -> str | None:
+    """What went wrong between ranks when ``err`` (or its cause) is torch.distributed's error about another rank.
+
+    A rank that died breaks its connections; a hung one makes a collective time out.
+    """
+    import sys
+
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    dist_error = getattr(dist, "DistError", None)
+    seen = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        low = text.lower()
+        if (isinstance(dist_error, type) and isinstance(current, dist_error)) or (
+                isinstance(current, RuntimeError) and any(m in low for m in _PEER_GONE + _TIMED_OUT)):
+            first = text.splitlines()[0] if text else ""
+            first = first.split("] ", 1)[-1] if first.startswith("[") else first  # drop gloo's source file
+            detail = f"{type(current).__name__}: {first.split('. This is typically', 1)[0][:200]}"
+            if any(m in low for m in _TIMED_OUT) or "timeout" in low:
+                return f"a collective timed out (strategy.timeout): another rank hung or stopped ({detail})"
+            return f"the connection to another rank broke: it died or its node is gone ({detail})"
+        current = current.__cause__ or current.__context__
+    return None
