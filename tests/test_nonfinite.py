@@ -97,3 +97,55 @@ def test_the_guard_is_configured_and_checked(tmp_path):
     assert not torch.isfinite(gradient_norm([p]))
     with pytest.raises(ValueError):
         NonFiniteGuard("sometimes")  # type: ignore[arg-type]
+
+
+ONE_RANK_NAN = """
+import sys
+import torch
+from modalforge.plugins.text.causal_lm.objective import CausalLMObjective
+
+original, calls = CausalLMObjective.training_step, [0]
+
+def poisoned(self, batch):
+    calls[0] += 1
+    out = original(self, batch)
+    if calls[0] == 3 and torch.distributed.get_rank() == 1:
+        out.loss = out.loss + torch.tensor(float("nan"))  # this rank's loss only: the gradients stay finite
+    return out
+
+CausalLMObjective.training_step = poisoned
+from modalforge.cli import train
+train()
+"""
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    wrapper = tmp_path / "train_poisoned.py"
+    wrapper.write_text(ONE_RANK_NAN)
+    proc = subprocess.run([sys.executable, str(wrapper), "plugin=causal_lm", *QUICK, "strategy=ddp",
+                           "trainer.devices=2", "trainer.max_steps=6", "checkpoint.every_n_train_steps=1",
+                           "strategy.timeout=60", f"run_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == USER_ERROR_EXIT, proc.stderr[-3000:]
+    # Rank 0's loss was finite: it stops on the all-reduced verdict, before the step's own collectives.
+    assert "error: step 3 (batch 2 of epoch 0): another rank's loss or gradient norm is not finite" in proc.stderr, proc.stderr[-3000:]
+    assert "timed out" not in proc.stderr
+
+
+def test_an_infinite_reward_stops_a_grpo_run(tmp_path):
+    # grpo scores a NaN reward as "unscorable" (no advantage of its own); an Inf reward has no such meaning.
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def boundless(prompts, completions, **kwargs):\n"
+                       "    return [float('inf')] + [0.0] * (len(completions) - 1)\n")
+    cfg = compose(["plugin=grpo", *QUICK, "model=grpo/tiny_llama", f"objective.rewards=['{rewards}:boundless']",
+                   "data.batch_size=4", "objective.num_generations=4", "objective.max_completion_length=4",
+                   "trainer.max_steps=3"])
+    with pytest.raises(NonFiniteError, match=r"the loss is nan|the gradient norm is nan") as caught:
+        run(cfg, tmp_path)
+    assert caught.value.where == "step 1 (batch 0 of epoch 0)"
+    assert "no checkpoint was written before it" in caught.value.what

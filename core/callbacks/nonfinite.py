@@ -45,23 +45,27 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
-def gradient_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor | None:
-    """The 2-norm of this rank's gradients (its shards under FSDP), in float32; ``None`` without gradients."""
-    grads = [_local(p.grad) for p in parameters if p.grad is not None]
-    if not grads:
-        return None
+def _norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each gradient's 2-norm in float32 (one fused kernel per device), all on the first one's device."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for grad in grads:
         by_device.setdefault(grad.device, []).append(grad)
-    first = grads[0].device
-    norms = []
+    first, out = grads[0].device, []
     for group in by_device.values():
         try:
             parts = torch._foreach_norm(group, 2, dtype=torch.float32)
         except TypeError:  # an older torch without dtype=
             parts = [g.float().norm() for g in group]
-        norms.append(torch.linalg.vector_norm(torch.stack(list(parts))).to(first))
-    return torch.linalg.vector_norm(torch.stack(norms))
+        out.append(torch.stack(list(parts)).to(first))
+    return out
+
+
+def gradient_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor | None:
+    """The 2-norm of this rank's gradients (its shards under FSDP), in float32; ``None`` without gradients."""
+    grads = [_local(p.grad) for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.cat(_norms(grads)))
 
 
 def _value(number: float) -> str:
@@ -95,22 +99,27 @@ class NonFiniteGuard(L.Callback):
         if self.mode == "off":
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        check_grads = str(trainer.precision) != "16-mixed"
+        grads = [_local(p.grad) for p in params if p.grad is not None] if check_grads else []
         loss = self._step_loss(pl_module)
-        norm = None if str(trainer.precision) == "16-mixed" else gradient_norm(params)
-        device = norm.device if norm is not None else pl_module.device
-        zero = torch.zeros((), device=device)
-        values = torch.stack([zero if loss is None else loss.detach().float().reshape(()).to(device),
-                              zero if norm is None else norm])
-        bad = (~torch.isfinite(values)).float()
+        # One probe: the sum of the per-gradient norms and the loss is finite exactly when all are
+        # (a sum of norms that overflows is a gradient norm that does too), read with one host sync.
+        terms = [torch.cat(_norms(grads)).sum()] if grads else []
+        if loss is not None:
+            terms.append(loss.detach().float().reshape(()))
+        if not terms:
+            return
+        probe = terms[0] if len(terms) == 1 else terms[0] + terms[1].to(terms[0].device)
         if trainer.world_size > 1:
-            # Each rank's verdict to all: a NaN in one rank's loss or shard stops or skips every rank.
-            bad = trainer.strategy.reduce(bad.to(pl_module.device), reduce_op="sum")
-        bad_loss, bad_norm = (b > 0 for b in bad.tolist())  # the one host sync of the check
-        if not (bad_loss or bad_norm):
+            # Every rank's probe summed: a NaN on one rank's loss or gradient shard reaches all of them,
+            # so every rank stops or skips together and none is left waiting in a collective.
+            probe = trainer.strategy.reduce(probe.to(pl_module.device), reduce_op="sum")
+        if math.isfinite(float(probe)):
             self.in_a_row = 0
             self._log(pl_module)
             return
-        what = self._describe(values.tolist(), bad_loss, bad_norm)
+        what = self._describe(float(loss) if loss is not None else 0.0,
+                              float(gradient_norm(params)) if grads else 0.0)
         if self.mode == "skip" and self.in_a_row < self.max_skipped_steps:
             for p in params:
                 p.grad = None  # the optimizer skips parameters without a gradient: no update, no state change
@@ -129,15 +138,11 @@ class NonFiniteGuard(L.Callback):
         return total if total is not None else getattr(pl_module, "last_loss", None)
 
     @staticmethod
-    def _describe(values: list[float], bad_loss: bool, bad_norm: bool) -> str:
-        loss, norm = values
-        parts = []
-        if bad_loss:
-            parts.append(f"the loss is {_value(loss)}" if not math.isfinite(loss) else "another rank's loss is not finite")
-        if bad_norm:
-            parts.append(f"the gradient norm is {_value(norm)}" if not math.isfinite(norm)
-                         else "another rank's gradient norm is not finite")
-        return " and ".join(parts)
+    def _describe(loss: float, norm: float) -> str:
+        """This rank's non-finite values, or that another rank's were."""
+        parts = [f"the {name} is {_value(value)}" for name, value in (("loss", loss), ("gradient norm", norm))
+                 if not math.isfinite(value)]
+        return " and ".join(parts) or "another rank's loss or gradient norm is not finite"
 
     def _log(self, pl_module: L.LightningModule) -> None:
         if self.skipped:
