@@ -320,7 +320,7 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, plots: b
             print('[modalforge] no plots: matplotlib is not installed (pip install "modalforge[plots]")')
         else:
             written = compare_plots.plot_all(runs, val_metrics(runs), out) + written
-    compare_plots.write_index(table, written, out)
+    compare_plots.write_index(table, written, out, runs)
     sys.stdout.flush()
     print(f"[modalforge] comparison of {len(runs)} runs written to {out}"
           + (f" ({len(written)} images)" if written else ""))

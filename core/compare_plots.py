@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import re
 import shutil
 from pathlib import Path
@@ -155,12 +156,40 @@ def _plot_confusion(plt, run: RunInfo, path: Path) -> Path:  # noqa: ANN001 - ma
     return _save(fig, path)
 
 
-def write_index(table: str, images: Sequence[Path], out: Path) -> Path:
-    """``index.html``: the table and every image, to open in a browser."""
+def latest_samples(run: RunInfo) -> tuple[int, list[tuple[str, str]]] | None:
+    """The step and (input, sample) pairs of the last samples a run logged (``samples.jsonl``), if any."""
+    rows = []
+    files = [f for pattern in ("samples.jsonl", "*/samples.jsonl", "*/*/samples.jsonl")  # <log_dir>: csv/, resumed_N/
+             for f in sorted(run.path.glob(pattern)) if "compare" not in f.relative_to(run.path).parts]
+    for file in files:
+        for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                rows.append((int(row["step"]), str(row.get("input", "")), str(row.get("sample", ""))))
+            except (ValueError, KeyError, TypeError):
+                continue
+    if not rows:
+        return None
+    last = max(step for step, _, _ in rows)
+    return last, [(given, sample) for step, given, sample in rows if step == last]
+
+
+def write_index(table: str, images: Sequence[Path], out: Path, runs: Sequence[RunInfo] = ()) -> Path:
+    """``index.html``: the table, every image and each run's latest text samples, to open in a browser.
+
+    Everything that comes from a run (labels, override values in the table, model-generated
+    samples) is HTML-escaped: a sample reading ``<script>`` is shown, never run.
+    """
+    esc = html.escape  # quote=True: safe inside attribute values too
     parts = ["<!doctype html><meta charset='utf-8'><title>modalforge compare</title>",
-             "<h1>modalforge compare</h1>", f"<pre>{html.escape(table)}</pre>"]
-    parts += [f"<h3>{html.escape(p.name)}</h3><img src='{html.escape(p.name)}' style='max-width:100%'>"
-              for p in images]
+             "<h1>modalforge compare</h1>", f"<pre>{esc(table)}</pre>"]
+    parts += [f"<h3>{esc(p.name)}</h3><img src='{esc(p.name)}' style='max-width:100%'>" for p in images]
+    for run in runs:
+        found = latest_samples(run)
+        if found is not None:
+            step, pairs = found
+            lines = [f"[{i}] {esc(given)} -> {esc(sample)}" for i, (given, sample) in enumerate(pairs)]
+            parts.append(f"<h3>samples of {esc(run.label)} at step {step}</h3><pre>" + "\n".join(lines) + "</pre>")
     path = out / "index.html"
-    path.write_text("\n".join(parts) + "\n")
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return path

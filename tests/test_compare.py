@@ -125,3 +125,30 @@ def test_paths_without_runs_are_one_line_errors(tmp_path: Path, capsys):
 ])
 def test_best_is_min_for_loss_like_and_max_for_accuracy_like(metric, expected):
     assert direction(metric) == expected
+
+
+def _hand_made_run(folder: Path, override: str, sample: str) -> Path:
+    """A run directory as train leaves it (config, overrides, metrics, samples), written by hand: no training."""
+    import json
+
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("plugin:\n  name: causal_lm\n")
+    (folder / ".hydra" / "overrides.yaml").write_text(f"- plugin=causal_lm\n- {json.dumps(override)}\n")
+    (folder / "csv").mkdir()
+    (folder / "csv" / "metrics.csv").write_text("step,train/loss,val/loss\n0,2.0,\n1,1.5,1.6\n")
+    rows = [{"step": 1, "index": 0, "input": "<b>prompt</b>", "sample": sample}]
+    (folder / "csv" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_index_html_escapes_what_runs_wrote(tmp_path: Path):
+    """Override values, run names and model-written samples are shown in index.html, never run as markup."""
+    script = "<script>alert('x')</script>"
+    runs = [_hand_made_run(tmp_path / "a<i>", f"data.prompt={script}", f"{script} & \"quoted\""),
+            _hand_made_run(tmp_path / "b", "data.prompt=plain", "a plain sample")]
+    report = compare([str(p) for p in runs], out=tmp_path / "report", plots=False)
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert "<script" not in page.lower() and "<i>" not in page and "<b>" not in page
+    assert page.count("&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;") == 2  # the override and the sample
+    assert "samples of a&lt;i&gt; at step 1" in page and "&amp; &quot;quoted&quot;" in page
+    assert "a plain sample" in page
