@@ -93,8 +93,6 @@ def missing_dependency(err: BaseException) -> str | None:
     return None
 
 
-
-
 #: gloo's words for a peer that died (its sockets closed) and for a collective that waited past ``strategy.timeout``.
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "connection refused", "broken pipe")
 _TIMED_OUT = ("timed out",)

@@ -107,9 +107,10 @@ def test_torchrun_ranks_take_rank_zeros_run_dir_from_the_agents_store(env):
                                        wait_for_workers=False)  # what torchrun's agent on node 0 serves
     common = dict(TORCHELASTIC_USE_AGENT_STORE="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     _torchrun(env, rank=0, **common)
-    assert launch.agree_run_dir(compose(["plugin=causal_lm", "run_dir=/shared/zero"]), launch.detect()) == "/shared/zero"
+    zero = launch.agree_run_dir(compose(["plugin=causal_lm", "run_dir=/shared/zero"]), launch.detect())
     _torchrun(env, rank=1, **common)
-    assert launch.agree_run_dir(compose(["plugin=causal_lm", "run_dir=/shared/one"]), launch.detect()) == "/shared/zero"
+    one = launch.agree_run_dir(compose(["plugin=causal_lm", "run_dir=/shared/one"]), launch.detect())
+    assert zero == one == "/shared/zero"
     del store
 
 
@@ -155,6 +156,24 @@ def test_a_dead_child_is_named_and_a_live_one_stopped(monkeypatch):
     assert launch.child_failure(wait_s=5) == f"local rank 2 (PID {dead.pid}) was killed by SIGKILL"
     launch.stop_children()
     assert alive.wait(timeout=5) == -signal.SIGKILL and launch._REPORTED
+
+
+def test_the_observer_waits_for_the_main_process_then_says_one_line(monkeypatch, capsys):
+    from lightning.fabric.strategies.launchers import subprocess_script
+
+    monkeypatch.setattr(subprocess_script, "_ChildProcessObserver", subprocess_script._ChildProcessObserver)
+    monkeypatch.setattr(launch, "_CHILDREN", [])
+    monkeypatch.setattr(launch, "_REPORTED", [])
+    monkeypatch.setattr(launch, "CHILD_FAILURE_GRACE_S", 1.0)
+    launch.watch_children()
+    main, dead = subprocess.Popen(["sleep", "30"]), subprocess.Popen(["sleep", "30"])  # a stuck main process
+    dead.kill()
+    dead.wait()
+    observer = subprocess_script._ChildProcessObserver(main.pid, [dead])  # what Lightning's launcher makes
+    assert observer._run()  # it saw the dead child: waited the grace, then killed the main process
+    assert main.wait(timeout=5) == -signal.SIGKILL
+    assert capsys.readouterr().err.strip() == (f"error: rank 0: local rank 1 (PID {dead.pid}) was killed by SIGKILL "
+                                               "and this process did not stop within 1 s")
 
 
 # ---- on real processes ----------------------------------------------------------------------------------------------
@@ -212,6 +231,11 @@ def _wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int) -> None:
     assert proc.poll() is None, proc.communicate()[1][-3000:]
 
 
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
 def _last_lines(err: str) -> list[str]:
     return [line for line in err.strip().splitlines() if line.strip()][-2:]
 
@@ -234,6 +258,28 @@ def test_a_killed_rank_ends_the_run_with_one_error_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_hung_rank_ends_the_run_after_strategy_timeout(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_two(run_dir, "strategy.timeout=15")  # also bounds the start: the child must join within it
+    (child,) = _child_pids(proc.pid, 1)
+    _wait_for_steps(run_dir, proc, 2)
+    os.kill(child, signal.SIGSTOP)
+    stopped = time.time()
+    _, err = proc.communicate(timeout=120)
+    took = time.time() - stopped
+    time.sleep(1)
+    left = _running(child)
+    if left:
+        os.kill(child, signal.SIGKILL)
+    assert not left, "the stopped child outlived the run"
+    assert proc.returncode == 2, err[-3000:]
+    assert 15 <= took < 90, took
+    error, _ = _last_lines(err)
+    assert error.startswith("error: rank 0: a collective timed out (strategy.timeout)"), err[-3000:]
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_checkpoints_both_ranks_and_resume_continues(tmp_path):
     run_dir = tmp_path / "run"
     proc = _start_two(run_dir)
@@ -243,8 +289,7 @@ def test_sigterm_to_the_launcher_checkpoints_both_ranks_and_resume_continues(tmp
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and err.count("stopped by SIGTERM") == 1
-    for pid in children:  # Lightning passed SIGTERM on to its child, which ended too
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert not any(_running(pid) for pid in children)  # Lightning passed SIGTERM on to its child, which ended too
     step = torch.load(run_dir / "checkpoints" / "last-interrupted.ckpt", map_location="cpu",
                       weights_only=False)["global_step"]
     assert step >= 2
