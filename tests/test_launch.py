@@ -199,6 +199,7 @@ def test_two_torchrun_nodes_on_loopback_share_one_run_dir(tmp_path):
     assert [proc.returncode for proc in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     (run_dir,) = (tmp_path / "outputs").iterdir()  # one run directory, not one per node
     assert (run_dir / "final" / "model.safetensors").exists() and len(series(run_dir, "train/loss")) == 3
+    assert (outs[0] + outs[1]).count("[modalforge] exported to") == 1  # final/ written once, by rank zero
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "trainer.num_nodes=2" in overrides and "trainer.devices=1" in overrides
     assert "job_logging=stdout" not in (run_dir / ".hydra" / "hydra.yaml").read_text()  # rank zero's

@@ -99,6 +99,8 @@ def rank_hydra_overrides(argv: Sequence[str]) -> list[str]:
 
 def _device_count(value: Any) -> int | None:
     """Processes per node a ``trainer.devices`` value asks for; None for ``auto`` / -1 (follow the launcher)."""
+    if value is None:
+        return None
     if isinstance(value, int) and not isinstance(value, bool):
         return None if value == -1 else value
     if isinstance(value, str):
