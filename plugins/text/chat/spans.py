@@ -60,7 +60,7 @@ def with_sentinel(message: Message, sentinel: str) -> Message:
     """``message`` with its content (after any ``</think>``) and tool-call names and arguments replaced."""
     out = dict(message)
     content = message.get("content")
-    if isinstance(content, str) and content:
+    if isinstance(content, str) and (content or not message.get("tool_calls")):
         keep = content[: content.rindex("</think>") + len("</think>")] if "</think>" in content else ""
         out["content"] = keep + sentinel
     if message.get("tool_calls"):
@@ -128,10 +128,12 @@ def assistant_spans(render: Render, messages: list[Message], full: str, *, speci
         # the turn's closing: what follows the message when it is last, as far as ``full`` agrees
         alone = first if k == len(messages) - 1 else render(variants[0][: k + 1], False)
         at = alone.rfind(S1) + len(S1)
-        closing = ""
-        if alone[at:].startswith(slot.tail):
-            after = alone[at + len(slot.tail):]
-            closing = full[slot.end:slot.end + common_prefix(after, full[slot.end:])]
+        rest = full[slot.end:]
+        if S1 in alone and alone[at:].startswith(slot.tail):
+            closing = rest[:common_prefix(alone[at + len(slot.tail):], rest)]
+        else:  # rendered otherwise when last: only a marker right after the slot is the turn's own
+            closing = rest[:len(rest) - len(rest.lstrip())]
+            closing += next((m for m in markers if rest[len(closing):].startswith(m)), "")
         cut = first_marker_end(closing, markers)
         end = slot.end + (cut if cut is not None else len(closing.rstrip()))
         start = max(start, previous_end)
