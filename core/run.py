@@ -15,7 +15,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from modalforge import registry, run_lock
+from modalforge import quiet, registry, run_lock
 from modalforge.callbacks.export import ExportOnTrainEnd
 from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoint
 from modalforge.errors import RunDirError
@@ -65,6 +65,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     # Per-rank seeds (seed + rank) once the model is built, and RNG states in checkpoints: exact resume.
     callbacks.append(RNGState(seed=int(cfg.get("seed", 0))))
+    callbacks.append(quiet.FrozenHelpersInEval())  # no "modules in eval mode" warning for frozen helpers alone
     module_cfg = cfg.get("module") or {}
     # A NaN/Inf loss or gradient norm: stop (or skip the step) before the weights or a checkpoint take it.
     callbacks.append(NonFiniteGuard(str(module_cfg.get("nonfinite", "stop")), int(module_cfg.get("max_skipped_steps", 10))))
@@ -179,6 +180,7 @@ def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMo
     run is never overwritten), before any data is read or model built.
     """
     output_dir = Path(output_dir)
+    quiet.install()  # third-party notices that say nothing about this run (core/quiet.py says which, and why)
     validate_config(cfg)
     check_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
