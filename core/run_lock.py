@@ -104,6 +104,7 @@ def hold(run_dir: str | Path) -> Iterator[None]:
     if fcntl is None or not is_rank_zero() or str(path) in _HELD:
         yield
         return
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     fd = _try_lock(path)
     if fd is None:
         raise _busy(run_dir, path)
@@ -115,4 +116,11 @@ def hold(run_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         del _HELD[str(path)]
+        if created and os.listdir(path.parent) == [LOCK_NAME]:
+            path.unlink()  # a run that stopped before writing anything leaves no folder behind
         os.close(fd)
+        for folder in created:
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
