@@ -170,6 +170,15 @@ class TrainingModule(L.LightningModule):
         if loss is not None and self._logs_this_step():
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        clip = getattr(self.trainer.strategy, "clip_grad_norm", None)
+        if clip is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            # FSDP2: sharded and replicated gradients side by side, which torch's clip_grad_norm_ refuses
+            clip([p for group in optimizer.param_groups for p in group["params"]], float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _logs_this_step(self) -> bool:
         # Loggers only write every `log_every_n_steps`; skipping self.log in between saves
         # a measurable share of a small model's step time (benchmarks/overhead.py).
@@ -286,12 +295,13 @@ class TrainingModule(L.LightningModule):
         # bitsandbytes saves each 4-bit weight's quantisation state as extra keys that its own
         # Linear4bit does not accept back into an already-quantised layer; the frozen 4-bit base
         # is rebuilt identically by configure_model, so those keys carry nothing to restore.
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if state is None:  # FSDP2 (ModelParallelStrategy) loaded the weights into the sharded model itself
+            return
         for key in [k for k in state if _is_bnb_quant_state(k)]:
             del state[key]
         prefixes = tuple(self._frozen_prefixes())
         if prefixes:
-            state = checkpoint["state_dict"]
             for key, value in self.state_dict().items():
                 if key.startswith(prefixes) and key not in state:
                     state[key] = value
@@ -328,7 +338,9 @@ class TrainingModule(L.LightningModule):
         copy = build_module(cfg, objective, adapter)
         copy.run_config = self.run_config
         copy.configure_model()
-        copy.load_state_dict(state, strict=True)
+        checkpoint = {"state_dict": state}
+        copy.on_load_checkpoint(checkpoint)  # as a resume does: 4-bit quantisation state dropped, frozen helpers filled
+        copy.load_state_dict(checkpoint["state_dict"], strict=True)
         return copy
 
     def export(self, directory: str | Path, *, merge: bool = False) -> Path:

@@ -104,6 +104,27 @@ _BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bi
 OPTIMIZER_NAMES = ("adamw", "sgd", *_BNB_OPTIMIZERS)
 
 
+def _split_by_sharding(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each group split into its sharded (DTensor) and replicated parameters, where it holds both.
+
+    Under ``strategy=fsdp`` a trainable parameter outside every FSDP unit (a value head, CLIP's
+    ``logit_scale``) stays a plain tensor; torch's fused and foreach kernels refuse one list that
+    mixes the two kinds. Same settings, two groups: the update is unchanged.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for group in groups:
+        params = list(group["params"])
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        if not sharded or len(sharded) == len(params):
+            out.append(group)
+            continue
+        out.append({**group, "params": sharded})
+        out.append({**group, "params": [p for p in params if not isinstance(p, DTensor)]})
+    return out
+
+
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Mapping[str, Any], *,
                     unscale_before_step: bool = False) -> torch.optim.Optimizer:
     """AdamW (default), SGD, or bitsandbytes' 8-bit / paged AdamW from the ``optim`` config.
@@ -113,7 +134,8 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Mappi
     """
     from modalforge.param_groups import build_param_groups  # per-module lrs (optim.param_groups)
 
-    groups = build_param_groups(named_params, cfg.get("param_groups") or [], float(cfg.get("weight_decay", 0.0)))
+    groups = _split_by_sharding(build_param_groups(named_params, cfg.get("param_groups") or [],
+                                                   float(cfg.get("weight_decay", 0.0))))
     name = cfg.get("name", "adamw")
     lr = float(cfg["lr"])
     implementation = cfg.get("implementation") or "auto"

@@ -179,3 +179,6 @@ def assert_plugin_conforms(name: str, tmp_path: str | Path, overrides: Sequence[
     assert not report.frozen_changed, f"frozen parameters changed: {report.frozen_changed[:10]}"
     check_checkpoint_roundtrip(cfg, trainer, module, tmp_path)
     return report
+
+
+from modalforge.scale.conformance import assert_plugin_conforms_sharded  # noqa: E402 - the multi-process check

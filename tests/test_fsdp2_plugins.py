@@ -1,0 +1,53 @@
+"""Every plugin trains under 2-process FSDP2 on CPU (gloo), as the conformance suite checks it.
+
+sft gets the whole check (every step's loss equal to one process with the same global
+batch, exact resume, 2 -> 1 resume); dpo the loss equality; causal_lm the same under DDP;
+the rest train two sharded steps, trainable parameters moving and frozen ones not (their
+per-rank noise, masking and sampling make equality with one process meaningless).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from modalforge.testing import assert_plugin_conforms_sharded
+
+#: plugin -> (overrides, data.batch_size per rank or None for the plugin's own)
+SHARDED_ONLY = {
+    "causal_lm": ((), 2),
+    "reward_model": ((), 2),
+    "grpo": ((), 2),
+    "ppo": ((), 2),
+    "image_classification": ((), 2),
+    "clip": ((), 2),
+    "diffusion": ((), 2),
+    "whisper_asr": ((), 2),
+    "wav2vec2": ((), 2),
+    "vlm": ((), 2),
+    "multitask": (("tasks=[causal_lm,sft]", "objective.mix=sum"), None),
+}
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path):
+    report = assert_plugin_conforms_sharded("sft", tmp_path, steps=4)
+    assert report.resume_difference == 0.0 or report.resume_difference <= 1e-6
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp2_equals_one_process(tmp_path):
+    """dpo's frozen reference policy is sharded too and rebuilt, not checkpointed."""
+    assert_plugin_conforms_sharded("dpo", tmp_path, steps=2, resume=False)
+
+
+@pytest.mark.slow
+def test_causal_lm_under_ddp_equals_one_process(tmp_path):
+    assert_plugin_conforms_sharded("causal_lm", tmp_path, strategy="ddp", steps=2, resume=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SHARDED_ONLY))
+def test_every_plugin_trains_under_fsdp2_on_two_processes(name, tmp_path):
+    overrides, batch_size = SHARDED_ONLY[name]
+    assert_plugin_conforms_sharded(name, tmp_path, overrides, steps=2, batch_size=batch_size,
+                                   equal_to_single=False, resume=False)
