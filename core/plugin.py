@@ -2,6 +2,8 @@
 
 Plugin packages build this in their (light) ``__init__``; Hydra and
 ``modalforge plugins`` import those ``__init__`` files without training anything.
+Optional hooks are dotted paths, imported only by the front-end that uses them
+(``modalforge.registry.hook``), so discovery never imports them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ class Plugin:
             ``plugin/<name>.yaml`` and may add namespaced options (``data/<name>/...``).
         datamodule: dotted path of the DataModule class (a string so listing imports nothing heavy).
         objective: dotted path of the Objective class.
+        trl: optional ``"package.module:attribute"`` of a :class:`modalforge.trl_config.TrlPlugin`:
+            the TRL config classes the plugin reads with ``trl_config=<file>`` and its own argument
+            handlers. None: the plugin takes no TRL config file.
     """
 
     name: str
@@ -29,3 +34,4 @@ class Plugin:
     conf_package: str
     datamodule: str
     objective: str
+    trl: str | None = None

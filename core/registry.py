@@ -12,11 +12,13 @@ Environment:
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
 from modalforge.errors import ModalforgeError
 from modalforge.plugin import Plugin
@@ -121,6 +123,47 @@ def get(name: str) -> InstalledPlugin:
             "Run `modalforge plugins` for details; a third-party plugin appears once its package is pip-installed."
         )
     return plugins[name]
+
+
+def load_object(path: str) -> Any:
+    """``"package.module:attribute"`` (or ``"package.module.attribute"``) imported and looked up."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep:
+        module_name, _, attribute = path.rpartition(".")
+    obj: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def hook(name: str, field: str) -> Any:
+    """Plugin ``name``'s optional hook ``field`` (a dotted path on its record), imported now; None when unset.
+
+    Raises:
+        PluginError: the plugin is unknown, or its hook cannot be imported (the message names both).
+    """
+    path = getattr(get(name).plugin, field)
+    if path is None:
+        return None
+    try:
+        return load_object(path)
+    except Exception as err:  # noqa: BLE001 - a third party's broken hook is named, not a traceback
+        raise PluginError(f"plugin {name!r}: its {field} hook {path!r} cannot be loaded: "
+                          f"{type(err).__name__}: {err}") from err
+
+
+def hooks(field: str) -> dict[str, Any]:
+    """Every installed plugin's hook ``field``, by name; a plugin without one is left out, and so
+    (with a warning) is one whose hook fails to import, so the others still serve."""
+    found: dict[str, Any] = {}
+    for name, item in discover().items():
+        if getattr(item.plugin, field) is None:
+            continue
+        try:
+            found[name] = hook(name, field)
+        except PluginError as err:
+            warnings.warn(str(err), stacklevel=2)
+    return found
 
 
 def describe() -> str:

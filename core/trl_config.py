@@ -1,8 +1,8 @@
-"""Bring your TRL config: ``train plugin=dpo trl_config=dpo.yaml``.
+"""Bring your TRL config: ``train plugin=<name> trl_config=config.yaml``.
 
-Reads the YAML (or JSON) file that TRL's ``TrlParser`` takes with ``DPOConfig`` /
-``SFTConfig`` / ``GRPOConfig`` (plus ``ModelConfig``, ``ScriptArguments`` and
-``DatasetMixtureConfig``, as TRL's scripts parse them) and turns each argument into
+Reads the YAML (or JSON) file that TRL's ``TrlParser`` takes with a trainer's config
+class (``DPOConfig``, ``SFTConfig``...) plus ``ModelConfig``, ``ScriptArguments`` and
+``DatasetMixtureConfig``, as TRL's scripts parse them, and turns each argument into
 modalforge Hydra overrides, before Hydra composes. The run is the one TRL would do:
 TRL's defaults for the optimisation (learning rate, linear schedule, AdamW betas,
 batch size, epochs...) apply where the file is silent, since modalforge's defaults
@@ -10,11 +10,17 @@ differ. An argument TRL does not know is an error; one TRL knows but modalforge
 cannot honour is an error naming all of them (:func:`expand_argv`); arguments that
 only steer TRL's bookkeeping (hub uploads, logging verbosity) are listed as ignored.
 
+This module holds the mapping every trainer shares (``transformers.TrainingArguments``,
+``ModelConfig``, ``ScriptArguments``). A plugin opts in with its ``Plugin.trl`` hook,
+a :class:`TrlPlugin` naming the config classes it reads and its own argument handlers,
+built from the helpers here (:func:`override`, :func:`direct`, :func:`must_be`,
+:class:`Unmapped`, :class:`Ignored`). Plugin-specific arguments that share a name with
+a parameter of the plugin's Objective map onto ``objective.<name>``.
+
 The argument names and defaults are a snapshot of TRL 1.16.0 on transformers 5.24
 (``trl_fields.json``, written by ``python -m modalforge.trl_config --snapshot``), so
 no trl install is needed; ``tests/test_trl_config.py`` checks the snapshot against
-the installed trl where there is one. Plugin-specific arguments that share a name
-with a parameter of the plugin's Objective map onto ``objective.<name>``.
+the installed trl where there is one.
 """
 
 from __future__ import annotations
@@ -27,13 +33,12 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping as MappingType, Sequence
 
+from modalforge.cli_args import hydra_value
 from modalforge.errors import ModalforgeError
 
-#: Which TRL config class a plugin's file is read as.
-PLUGIN_CONFIGS = {"dpo": "DPOConfig", "sft": "SFTConfig", "grpo": "GRPOConfig"}
-#: Always parsed beside it by TRL's scripts.
+#: Always parsed beside the trainer's config class by TRL's scripts.
 COMMON_CONFIGS = ("ModelConfig", "ScriptArguments", "DatasetMixtureConfig")
 #: transformers < 5 names, still in many published TRL configs.
 LEGACY = {"warmup_ratio": 0.0, "overwrite_output_dir": False, "logging_dir": None, "evaluation_strategy": "no"}
@@ -72,8 +77,12 @@ class TrlConfigError(ModalforgeError):
     """A TRL config file that cannot be read, or names arguments modalforge cannot honour."""
 
 
-class _Unmapped(Exception):
+class Unmapped(Exception):
     """Raised by a handler: the argument has no modalforge counterpart (the message says why)."""
+
+
+class Ignored(Exception):
+    """Raised by a handler: the argument changes nothing here (the message says why)."""
 
 
 @dataclass
@@ -125,12 +134,51 @@ class Mapping:
         return "\n".join(lines)
 
 
+@dataclass
+class Context:
+    """What a handler may read besides the file: the plugin and TRL's defaults for every argument."""
+
+    plugin: str
+    defaults: dict[str, Any]
+    objective_params: frozenset[str]
+    pretrained_model: str | None  # the ``model=`` option that model_name_or_path selects, if any
+
+
+#: ``handler(value, whole file with TRL's optimisation defaults, context)`` -> overrides, or raises Unmapped / Ignored.
+Handler = Callable[[Any, dict, Context], list[str]]
+
+
+@dataclass(frozen=True)
+class TrlPlugin:
+    """What a plugin's ``Plugin.trl`` hook declares so that ``trl_config=`` reads TRL files for it.
+
+    Args:
+        config_classes: TRL config class names the plugin reads (``("DPOConfig",)``); a file is read
+            as the first unless a caller names another. Each must be in ``trl_fields.json``.
+        handlers: the plugin's own argument handlers, by TRL argument name; they take precedence
+            over the shared ones (so a plugin may refine ``max_length`` or ``truncation_mode``).
+        objective: dotted path of the class whose parameters take same-named TRL arguments as
+            ``objective.<name>``; None: the plugin's Objective.
+        pretrained_model: the ``model=`` option that ``model_name_or_path`` selects (``"dpo/pretrained"``);
+            None: only ``model.name_or_path`` is set.
+    """
+
+    config_classes: tuple[str, ...]
+    handlers: MappingType[str, Handler] = field(default_factory=dict)
+    objective: str | None = None
+    pretrained_model: str | None = None
+
+
 # ---- the snapshot of TRL's argument names ----------------------------------------------------
 
 
 def trl_fields(config_class: str) -> dict[str, Any]:
     """Argument name -> TRL default for ``config_class`` and the classes TRL's scripts parse beside it."""
     data = json.loads(resources.files("modalforge").joinpath("trl_fields.json").read_text())
+    if config_class not in data["configs"]:
+        raise TrlConfigError(f"no snapshot of TRL's {config_class} in modalforge's trl_fields.json (it holds "
+                             f"{', '.join(sorted(data['configs']))}); refresh it with "
+                             "`python -m modalforge.trl_config --snapshot`")
     merged: dict[str, Any] = dict(LEGACY)
     for name in (config_class, *COMMON_CONFIGS):
         merged.update(data["configs"][name])
@@ -138,7 +186,10 @@ def trl_fields(config_class: str) -> dict[str, Any]:
 
 
 def snapshot() -> dict[str, Any]:
-    """The argument names and defaults of the installed trl (needs ``pip install trl``)."""
+    """The argument names and defaults of the installed trl for every installed plugin's config classes.
+
+    Needs ``pip install trl``.
+    """
     import dataclasses
 
     import transformers
@@ -155,137 +206,130 @@ def snapshot() -> dict[str, Any]:
         except TypeError:
             return str(value)
 
-    classes = {c.__name__: c for c in (trl.DPOConfig, trl.SFTConfig, trl.GRPOConfig, trl.ModelConfig,
-                                        trl.ScriptArguments, DatasetMixtureConfig)}
+    names = sorted({name for hook in trl_plugins().values() for name in hook.config_classes})
+    classes = {name: getattr(trl, name) for name in names}
+    classes.update({c.__name__: c for c in (trl.ModelConfig, trl.ScriptArguments, DatasetMixtureConfig)})
     return {"trl_version": trl.__version__, "transformers_version": transformers.__version__,
             "configs": {name: {f.name: default(f) for f in dataclasses.fields(cls) if f.init}
                         for name, cls in classes.items()}}
 
 
-# ---- formatting -----------------------------------------------------------------------------
+# ---- the handler toolkit (also for plugins' own handlers) -------------------------------------
 
 
-def _fmt(value: Any) -> str:
-    """A Hydra override value; strings always quoted, so the printed mapping reads the same for every key."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+def format_value(value: Any) -> str:
+    """A Hydra override value; strings always quoted, so the printed mapping reads the same for every key.
+
+    Quoting follows Hydra's grammar (:func:`modalforge.cli_args.hydra_value`): backslashes are
+    literal, so ``C:\\runs`` or a regex reaches the config unchanged.
+    """
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{text}'"
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    text = hydra_value(value)
+    if isinstance(value, str) and not text.startswith("'"):
+        text = f"'{text}'"  # hydra_value leaves it bare only when it holds no quote or backslash
+    return text
 
 
-def _set(key: str, value: Any) -> str:
-    return f"{key}={_fmt(value)}"
+def override(key: str, value: Any) -> str:
+    """``key=value`` as a Hydra override."""
+    return f"{key}={format_value(value)}"
 
 
-# ---- the mapping ------------------------------------------------------------------------------
-
-Handler = Callable[[Any, dict, "Context"], list[str]]
-
-
-@dataclass
-class Context:
-    plugin: str
-    defaults: dict[str, Any]
-    objective_params: frozenset[str]
-    has_pretrained_option: bool
+# ---- the shared mapping (TrainingArguments, ModelConfig, ScriptArguments) ---------------------
 
 
 def _scheduler(value: Any, cfg: dict, ctx: Context) -> list[str]:
     names = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant",
              "cosine_with_min_lr": "cosine"}
     if value not in names:
-        raise _Unmapped(f"modalforge schedules are {', '.join(sorted(set(names)))} (optim.scheduler)")
+        raise Unmapped(f"modalforge schedules are {', '.join(sorted(set(names)))} (optim.scheduler)")
     kwargs = cfg.get("lr_scheduler_kwargs") or {}
     floor = 0.0  # transformers' linear and cosine decay to 0; modalforge's default floor is 0.1
     if value == "cosine_with_min_lr":
         if "min_lr_rate" not in kwargs:
-            raise _Unmapped("cosine_with_min_lr needs lr_scheduler_kwargs.min_lr_rate (min_lr is not supported)")
+            raise Unmapped("cosine_with_min_lr needs lr_scheduler_kwargs.min_lr_rate (min_lr is not supported)")
         floor = float(kwargs["min_lr_rate"])
-    return [_set("optim.scheduler", names[value]), _set("optim.min_lr_ratio", floor)]
+    return [override("optim.scheduler", names[value]), override("optim.min_lr_ratio", floor)]
 
 
 def _scheduler_kwargs(value: Any, cfg: dict, ctx: Context) -> list[str]:
     rest = set(value or {}) - ({"min_lr_rate"} if cfg.get("lr_scheduler_type") == "cosine_with_min_lr" else set())
     if rest:
-        raise _Unmapped(f"no counterpart for {sorted(rest)}")
+        raise Unmapped(f"no counterpart for {sorted(rest)}")
     return []
 
 
 def _warmup_steps(value: Any, cfg: dict, ctx: Context) -> list[str]:
     if isinstance(value, float) and 0 < value < 1:  # transformers 5: a float below 1 is a ratio
-        return [_set("optim.warmup_ratio", value), _set("optim.warmup_steps", 0)]
-    return [_set("optim.warmup_steps", int(value))]
+        return [override("optim.warmup_ratio", value), override("optim.warmup_steps", 0)]
+    return [override("optim.warmup_steps", int(value))]
 
 
 def _betas(value: Any, cfg: dict, ctx: Context) -> list[str]:
     b1 = cfg.get("adam_beta1", ctx.defaults["adam_beta1"])
     b2 = cfg.get("adam_beta2", ctx.defaults["adam_beta2"])
-    return [_set("optim.betas", [float(b1), float(b2)])]
+    return [override("optim.betas", [float(b1), float(b2)])]
 
 
 def _optimizer(value: Any, cfg: dict, ctx: Context) -> list[str]:
     names = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw",
-             "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "sgd": "sgd"}
+             "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+             "paged_adamw_32bit": "paged_adamw_32bit", "sgd": "sgd"}
     if value not in names:
-        raise _Unmapped(f"modalforge optimizers: adamw ({', '.join(k for k, v in names.items() if v == 'adamw')}), "
-                        "adamw_8bit, sgd")
-    return [_set("optim.name", names[value])]
+        raise Unmapped(f"modalforge optimizers: adamw ({', '.join(k for k, v in names.items() if v == 'adamw')}), "
+                       "adamw_8bit (adamw_bnb_8bit), paged_adamw_8bit, paged_adamw_32bit, sgd")
+    return [override("optim.name", names[value])]
 
 
 def _epochs(value: Any, cfg: dict, ctx: Context) -> list[str]:
     if float(cfg.get("max_steps", -1) or -1) > 0:
         return []  # max_steps wins, as in transformers
     if float(value) != int(value):
-        raise _Unmapped("Lightning counts whole epochs; use max_steps")
-    return [_set("trainer.max_epochs", int(value)), _set("trainer.max_steps", -1)]
+        raise Unmapped("Lightning counts whole epochs; use max_steps")
+    return [override("trainer.max_epochs", int(value)), override("trainer.max_steps", -1)]
 
 
 def _max_steps(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    return [_set("trainer.max_steps", int(value)), _set("trainer.max_epochs", -1)] if int(value) > 0 else []
+    return [override("trainer.max_steps", int(value)), override("trainer.max_epochs", -1)] if int(value) > 0 else []
 
 
 def _precision(value: Any, cfg: dict, ctx: Context) -> list[str]:
     bf16, fp16 = cfg.get("bf16"), cfg.get("fp16")
     if bf16 and fp16:
-        raise _Unmapped("bf16 and fp16 are both true")
+        raise Unmapped("bf16 and fp16 are both true")
     if bf16:
-        return [_set("trainer.precision", "bf16-mixed")]
+        return [override("trainer.precision", "bf16-mixed")]
     if fp16:
-        return [_set("trainer.precision", "16-mixed")]
+        return [override("trainer.precision", "16-mixed")]
     if bf16 is False and not fp16:
-        return [_set("trainer.precision", "32-true")]
+        return [override("trainer.precision", "32-true")]
     return []
 
 
 def _eval_strategy(value: Any, cfg: dict, ctx: Context) -> list[str]:
     if value == "no":
-        return [_set("trainer.limit_val_batches", 0)]
+        return [override("trainer.limit_val_batches", 0)]
     if value == "steps":
         every = cfg.get("eval_steps") or cfg.get("logging_steps", ctx.defaults["logging_steps"])
         if float(every) < 1:
-            raise _Unmapped("a fractional eval_steps (a ratio of the run) has no counterpart")
-        return [_set("trainer.val_check_interval", int(every))]
+            raise Unmapped("a fractional eval_steps (a ratio of the run) has no counterpart")
+        return [override("trainer.val_check_interval", int(every))]
     if value == "epoch":
-        return [_set("trainer.val_check_interval", 1.0), _set("trainer.check_val_every_n_epoch", 1)]
-    raise _Unmapped("eval_strategy is no, steps or epoch")
+        return [override("trainer.val_check_interval", 1.0), override("trainer.check_val_every_n_epoch", 1)]
+    raise Unmapped("eval_strategy is no, steps or epoch")
 
 
 def _save(value: Any, cfg: dict, ctx: Context) -> list[str]:
     strategy = cfg.get("save_strategy", "steps")
     if strategy == "no":
-        return [_set("trainer.enable_checkpointing", False)]
+        return [override("trainer.enable_checkpointing", False)]
     if strategy != "steps":
-        raise _Unmapped("modalforge checkpoints every checkpoint.every_n_train_steps steps")
+        raise Unmapped("modalforge checkpoints every checkpoint.every_n_train_steps steps")
     steps = cfg.get("save_steps", ctx.defaults["save_steps"])
     if float(steps) < 1:
-        raise _Unmapped("a fractional save_steps (a ratio of the run) has no counterpart")
-    return [_set("checkpoint.every_n_train_steps", int(steps))]
+        raise Unmapped("a fractional save_steps (a ratio of the run) has no counterpart")
+    return [override("checkpoint.every_n_train_steps", int(steps))]
 
 
 def _report_to(value: Any, cfg: dict, ctx: Context) -> list[str]:
@@ -294,42 +338,42 @@ def _report_to(value: Any, cfg: dict, ctx: Context) -> list[str]:
         return ["logger=none"]
     if len(names) == 1 and names[0] in ("wandb", "tensorboard", "mlflow"):
         return [f"logger={names[0]}"]
-    raise _Unmapped("one of none, wandb, tensorboard, mlflow (several at once: logger=many)")
+    raise Unmapped("one of none, wandb, tensorboard, mlflow (several at once: logger=many)")
 
 
 def _resume(value: Any, cfg: dict, ctx: Context) -> list[str]:
     if value in (None, False):
         return []
-    return [_set("ckpt_path", "last" if value is True else str(value))]
+    return [override("ckpt_path", "last" if value is True else str(value))]
 
 
 def _grad_clip(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    return [_set("trainer.gradient_clip_val", float(value) if value else None)]
+    return [override("trainer.gradient_clip_val", float(value) if value else None)]
 
 
 def _logging_steps(value: Any, cfg: dict, ctx: Context) -> list[str]:
     if float(value) < 1:
-        raise _Unmapped("a fractional logging_steps (a ratio of the run) has no counterpart")
-    return [_set("trainer.log_every_n_steps", int(value))]
+        raise Unmapped("a fractional logging_steps (a ratio of the run) has no counterpart")
+    return [override("trainer.log_every_n_steps", int(value))]
 
 
 def _dataset(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    out = [_set("data.train", f"hf:{value}:{cfg.get('dataset_train_split', 'train')}")]
+    out = [override("data.train", f"hf:{value}:{cfg.get('dataset_train_split', 'train')}")]
     if cfg.get("eval_strategy", "no") != "no":
-        out.append(_set("data.val", f"hf:{value}:{cfg.get('dataset_test_split', 'test')}"))
+        out.append(override("data.val", f"hf:{value}:{cfg.get('dataset_test_split', 'test')}"))
     return out
 
 
 def _model_path(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    out = [f"model={ctx.plugin}/pretrained"] if ctx.has_pretrained_option else []
-    return out + [_set("model.name_or_path", value)]
+    out = [f"model={ctx.pretrained_model}"] if ctx.pretrained_model else []
+    return out + [override("model.name_or_path", value)]
 
 
 def _needs_model(target: str) -> Handler:
     def handler(value: Any, cfg: dict, ctx: Context) -> list[str]:
         if not cfg.get("model_name_or_path"):
-            raise _Unmapped("applies to a pretrained model (model_name_or_path)")
-        return [_set(target, value)]
+            raise Unmapped("applies to a pretrained model (model_name_or_path)")
+        return [override(target, value)]
     return handler
 
 
@@ -344,110 +388,78 @@ def _peft(value: Any, cfg: dict, ctx: Context) -> list[str]:
         kind = "dora"
     else:
         kind = "lora"
-    out = [f"adapter={kind}", _set("adapter.r", get("lora_r")), _set("adapter.alpha", get("lora_alpha")),
-           _set("adapter.dropout", get("lora_dropout"))]
+    out = [f"adapter={kind}", override("adapter.r", get("lora_r")), override("adapter.alpha", get("lora_alpha")),
+           override("adapter.dropout", get("lora_dropout"))]
     if get("lora_target_modules") is not None:
-        out.append(_set("adapter.target_modules", get("lora_target_modules")))
+        out.append(override("adapter.target_modules", get("lora_target_modules")))
     if get("lora_modules_to_save") is not None:
-        out.append(_set("adapter.modules_to_save", get("lora_modules_to_save")))
+        out.append(override("adapter.modules_to_save", get("lora_modules_to_save")))
     if kind == "lora":
-        out.append(_set("adapter.use_rslora", bool(get("use_rslora"))))
+        out.append(override("adapter.use_rslora", bool(get("use_rslora"))))
     if kind == "qlora":
-        out += [_set("adapter.quant_type", get("bnb_4bit_quant_type")),
-                _set("adapter.double_quant", bool(get("use_bnb_nested_quant")))]
+        out += [override("adapter.quant_type", get("bnb_4bit_quant_type")),
+                override("adapter.double_quant", bool(get("use_bnb_nested_quant")))]
     return out
 
 
 def _consumed_by_peft(value: Any, cfg: dict, ctx: Context) -> list[str]:
     if not cfg.get("use_peft"):
-        raise _Ignored("TRL ignores LoRA / quantisation arguments without use_peft")
+        raise Ignored("TRL ignores LoRA / quantisation arguments without use_peft")
     if value and cfg.get("load_in_4bit") and cfg.get("use_dora"):
-        raise _Unmapped("DoRA on a 4-bit base (modalforge: qlora or dora)")
+        raise Unmapped("DoRA on a 4-bit base (modalforge: qlora or dora)")
     return []  # mapped, with the other LoRA arguments, by use_peft
 
 
-class _Ignored(Exception):
-    """Raised by a handler: the argument changes nothing here (the message says why)."""
-
-
-def _dpo_loss(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    return [_set("objective.loss", [value] if isinstance(value, str) else list(value))]
-
-
-def _dpo_label_smoothing(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    names = cfg.get("loss_type", ["sigmoid"])
-    names = [names] if isinstance(names, str) else list(names)
-    if value and not set(names) & {"robust", "exo_pair", "aot", "aot_unpaired"}:
-        raise _Ignored(f"TRL reads label_smoothing only in robust, exo_pair, aot, aot_unpaired, not {names}")
-    return [_set("objective.label_smoothing", value)]
-
-
-def _precompute(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    return [_set("objective.reference", "precomputed")] if value else []
-
-
-def _max_length(value: Any, cfg: dict, ctx: Context) -> list[str]:
+def max_length(value: Any, cfg: dict, ctx: Context) -> list[str]:
+    """``max_length`` -> ``data.max_length`` (a plugin that truncates as TRL does adds its own option)."""
     if value is None:
-        raise _Unmapped("modalforge needs a data.max_length")
-    out = [_set("data.max_length", int(value))]
-    if ctx.plugin in ("sft", "dpo"):
-        out.append(_set("data.too_long", "truncate"))  # TRL truncates what is longer
-    return out
+        raise Unmapped("modalforge needs a data.max_length")
+    return [override("data.max_length", int(value))]
 
 
 def _truncation(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    if ctx.plugin == "dpo" and value in ("keep_start", "keep_end"):
-        return [_set("data.truncation_mode", value)]
     if value != "keep_start":
-        raise _Unmapped("only keep_start (TRL's own default) outside dpo")
+        raise Unmapped(f"only keep_start (TRL's own default) with plugin={ctx.plugin}")
     return []
 
 
-def _sft_completion_only(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    if value is None:
-        return []
-    return [_set("data.train_on", "assistant" if value else "all")]
-
-
-def _sft_assistant_only(value: Any, cfg: dict, ctx: Context) -> list[str]:
-    return [_set("data.train_on", "assistant")] if value else []
-
-
-def _must_be(expected: Any, why: str) -> Handler:
+def must_be(expected: Any, why: str) -> Handler:
+    """A handler for an argument modalforge honours only at ``expected`` (``why`` otherwise)."""
     def handler(value: Any, cfg: dict, ctx: Context) -> list[str]:
         if value != expected:
-            raise _Unmapped(why)
+            raise Unmapped(why)
         return []
     return handler
 
 
-def _direct(target: str) -> Handler:
-    return lambda value, cfg, ctx: [_set(target, value)]
+def direct(target: str) -> Handler:
+    """A handler setting ``target`` to the argument's value as it is."""
+    return lambda value, cfg, ctx: [override(target, value)]
 
 
 COMMON: dict[str, Handler] = {
-    "learning_rate": _direct("optim.lr"),
+    "learning_rate": direct("optim.lr"),
     "lr_scheduler_type": _scheduler,
     "lr_scheduler_kwargs": _scheduler_kwargs,
     "warmup_steps": _warmup_steps,
-    "warmup_ratio": _direct("optim.warmup_ratio"),
-    "weight_decay": _direct("optim.weight_decay"),
+    "warmup_ratio": direct("optim.warmup_ratio"),
+    "weight_decay": direct("optim.weight_decay"),
     "adam_beta1": _betas,
     "adam_beta2": _betas,
-    "adam_epsilon": _direct("optim.eps"),
+    "adam_epsilon": direct("optim.eps"),
     "optim": _optimizer,
     "max_grad_norm": _grad_clip,
-    "per_device_train_batch_size": _direct("data.batch_size"),
-    "gradient_accumulation_steps": _direct("trainer.accumulate_grad_batches"),
+    "per_device_train_batch_size": direct("data.batch_size"),
+    "gradient_accumulation_steps": direct("trainer.accumulate_grad_batches"),
     "num_train_epochs": _epochs,
     "max_steps": _max_steps,
     "bf16": _precision,
     "fp16": _precision,
-    "gradient_checkpointing": _direct("module.gradient_checkpointing"),
-    "activation_checkpointing": lambda v, c, x: [] if v is None else [_set("module.gradient_checkpointing", v)],
-    "gradient_checkpointing_kwargs": _must_be(None, "modalforge checkpoints with use_reentrant=False"),
-    "seed": _direct("seed"),
-    "output_dir": _direct("run_dir"),
+    "gradient_checkpointing": direct("module.gradient_checkpointing"),
+    "activation_checkpointing": lambda v, c, x: [] if v is None else [override("module.gradient_checkpointing", v)],
+    "gradient_checkpointing_kwargs": must_be(None, "modalforge checkpoints with use_reentrant=False"),
+    "seed": direct("seed"),
+    "output_dir": direct("run_dir"),
     "logging_steps": _logging_steps,
     "eval_strategy": _eval_strategy,
     "eval_steps": lambda v, c, x: [] if c.get("eval_strategy") == "steps" else _raise_ignored(
@@ -456,26 +468,26 @@ COMMON: dict[str, Handler] = {
     "save_strategy": _save,
     "save_steps": _save,
     "report_to": _report_to,
-    "dataloader_num_workers": _direct("data.num_workers"),
+    "dataloader_num_workers": direct("data.num_workers"),
     "resume_from_checkpoint": _resume,
-    "torch_compile": _direct("module.compile"),
-    "use_cpu": lambda v, c, x: [_set("trainer.accelerator", "cpu")] if v else [],
-    "full_determinism": lambda v, c, x: [_set("trainer.deterministic", True)] if v else [],
-    "push_to_hub": _must_be(False, "modalforge does not upload; push final/ with huggingface_hub"),
-    "trust_remote_code": _direct("model.trust_remote_code"),
-    "model_init_kwargs": _must_be(None, "set model.* options instead (dtype, attn_implementation)"),
-    "max_length": _max_length,
+    "torch_compile": direct("module.compile"),
+    "use_cpu": lambda v, c, x: [override("trainer.accelerator", "cpu")] if v else [],
+    "full_determinism": lambda v, c, x: [override("trainer.deterministic", True)] if v else [],
+    "push_to_hub": must_be(False, "modalforge does not upload; push final/ with huggingface_hub"),
+    "trust_remote_code": direct("model.trust_remote_code"),
+    "model_init_kwargs": must_be(None, "set model.* options instead (dtype, attn_implementation)"),
+    "max_length": max_length,
     "truncation_mode": _truncation,
     # ModelConfig
     "model_name_or_path": _model_path,
-    "model_revision": _must_be("main", "model.name_or_path takes a local folder or a hub id at its main revision"),
+    "model_revision": must_be("main", "model.name_or_path takes a local folder or a hub id at its main revision"),
     "dtype": lambda v, c, x: [] if v in (None, "auto") else _needs_model("model.dtype")(v, c, x),
     "attn_implementation": lambda v, c, x: [] if v is None else _needs_model("model.attn_implementation")(v, c, x),
     "use_peft": _peft,
     **{k: _consumed_by_peft for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
                                       "lora_modules_to_save", "use_rslora", "use_dora", "load_in_4bit",
                                       "bnb_4bit_quant_type", "use_bnb_nested_quant")},
-    "lora_task_type": _must_be("CAUSAL_LM", "modalforge's text plugins train causal LMs"),
+    "lora_task_type": must_be("CAUSAL_LM", "modalforge's text plugins train causal LMs"),
     # ScriptArguments
     "dataset_name": _dataset,
     "dataset_train_split": lambda v, c, x: [] if c.get("dataset_name") else _raise_ignored("without dataset_name"),
@@ -484,44 +496,68 @@ COMMON: dict[str, Handler] = {
 
 
 def _raise_ignored(why: str) -> list[str]:
-    raise _Ignored(why)
+    raise Ignored(why)
 
 
-PLUGIN_SPECIFIC: dict[str, dict[str, Handler]] = {
-    "dpo": {"loss_type": _dpo_loss, "label_smoothing": _dpo_label_smoothing,
-            "precompute_ref_log_probs": _precompute},
-    "sft": {"packing": _direct("data.packing"), "completion_only_loss": _sft_completion_only,
-            "assistant_only_loss": _sft_assistant_only,
-            "packing_strategy": _must_be("bfd", "modalforge packs its own way (best-fit, no cross-attention)"),
-            "loss_type": _must_be("nll", "modalforge's sft trains with NLL only"),
-            "dataset_text_field": _must_be("text", "modalforge's sft detects its record formats itself")},
-    "grpo": {},
-}
+# ---- finding the plugin ---------------------------------------------------------------------
 
 
-def _objective_params(plugin: str) -> frozenset[str]:
-    """Parameter names of the plugin's Objective (empty when the plugin is not installed)."""
+def _hook(name: str) -> TrlPlugin | None:
+    """Plugin ``name``'s TRL hook, imported now; None when it sets none."""
     from modalforge import registry
 
-    try:
-        item = registry.get(plugin)
-    except ModalforgeError:
-        return frozenset()
-    module_name, _, class_name = item.plugin.objective.rpartition(".")
-    import importlib
+    hook = registry.hook(name, "trl")
+    if hook is not None and not isinstance(hook, TrlPlugin):
+        raise TrlConfigError(f"plugin {name!r}: its trl hook {registry.get(name).plugin.trl!r} is a "
+                             f"{type(hook).__name__}, expected modalforge.trl_config.TrlPlugin")
+    return hook
 
-    cls = getattr(importlib.import_module(module_name), class_name)
+
+def trl_plugins() -> dict[str, TrlPlugin]:
+    """Installed plugins that read TRL config files, by name."""
+    from modalforge import registry
+
+    return {name: hook for name, hook in registry.hooks("trl").items() if isinstance(hook, TrlPlugin)}
+
+
+def _choices() -> str:
+    """``trl_config works with plugin=a or b (TRL's AConfig, BConfig)``, from the installed plugins."""
+    plugins = trl_plugins()
+    if not plugins:
+        return "trl_config works with no installed plugin"
+    names = list(plugins)
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    classes = ", ".join(c for hook in plugins.values() for c in hook.config_classes)
+    return f"trl_config works with plugin={listed} (TRL's {classes})"
+
+
+def resolve(target: str) -> tuple[str, TrlPlugin, str]:
+    """(plugin name, its hook, config class) for a plugin name or a TRL config class name."""
+    from modalforge import registry
+
+    if target in registry.discover() or target in registry.FAILED:
+        hook = _hook(target)
+        if hook is not None:
+            return target, hook, hook.config_classes[0]
+    else:
+        readers = [(name, hook) for name, hook in trl_plugins().items() if target in hook.config_classes]
+        if len(readers) == 1:
+            return readers[0][0], readers[0][1], target
+        if readers:
+            raise TrlConfigError(f"TRL's {target} is read by plugins {', '.join(n for n, _ in readers)}: "
+                                 "choose one with plugin=<name>")
+    raise TrlConfigError(f"{_choices()}, not plugin={target}")
+
+
+def _objective_params(plugin: str, hook: TrlPlugin) -> frozenset[str]:
+    """Parameter names of the class the plugin's same-named TRL arguments go to."""
+    from modalforge import registry
+
+    cls = registry.load_object(hook.objective or registry.get(plugin).plugin.objective)
     return frozenset(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model"))
 
 
-def _has_pretrained_option(plugin: str) -> bool:
-    from modalforge import registry
-
-    try:
-        package = registry.get(plugin).plugin.conf_package
-        return resources.files(package).joinpath("model", plugin, "pretrained.yaml").is_file()
-    except (ModalforgeError, ModuleNotFoundError):
-        return False
+# ---- reading and translating a file --------------------------------------------------------
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -546,21 +582,20 @@ def read_file(path: str | Path) -> dict[str, Any]:
 
 def trl_config_mapping(path: str | Path, plugin: str, *, objective_params: Sequence[str] | None = None,
                        has_pretrained_option: bool | None = None) -> Mapping:
-    """Translate a TRL config file for ``plugin`` (``dpo``, ``sft`` or ``grpo``), row by row.
+    """Translate a TRL config file for ``plugin``, row by row.
 
     Args:
         path: the YAML / JSON file TRL's ``TrlParser`` takes (``--config``).
-        plugin: the modalforge plugin it runs under.
-        objective_params: the plugin Objective's parameter names (default: looked up through the registry).
-        has_pretrained_option: whether ``model=<plugin>/pretrained`` exists (default: looked up).
+        plugin: the modalforge plugin it runs under, or the TRL config class it is written for
+            (``DPOConfig``), found among the installed plugins' ``trl`` hooks.
+        objective_params: the plugin Objective's parameter names (default: its signature).
+        has_pretrained_option: False to select no ``model=`` option for ``model_name_or_path``
+            (default: the plugin's ``pretrained_model``).
 
     Raises:
-        TrlConfigError: unreadable file, unsupported plugin, or argument names TRL does not know.
+        TrlConfigError: unreadable file, a plugin without a TRL hook, or argument names TRL does not know.
     """
-    if plugin not in PLUGIN_CONFIGS:
-        raise TrlConfigError(f"trl_config works with plugin=dpo, sft or grpo (TRL's DPOConfig, SFTConfig, "
-                             f"GRPOConfig), not plugin={plugin}")
-    config_class = PLUGIN_CONFIGS[plugin]
+    plugin, hook, config_class = resolve(plugin)
     cfg = read_file(path)
     env = cfg.pop("env", None) or {}
     if not isinstance(env, dict):
@@ -572,10 +607,13 @@ def trl_config_mapping(path: str | Path, plugin: str, *, objective_params: Seque
                  for k in unknown]
         raise TrlConfigError(f"trl_config={path}: not {config_class} / ModelConfig / ScriptArguments arguments in "
                              f"TRL 1.16: {', '.join(hints)}")
+    pretrained = hook.pretrained_model
+    if has_pretrained_option is not None:
+        pretrained = (pretrained or f"{plugin}/pretrained") if has_pretrained_option else None
     ctx = Context(plugin, known,
-                  frozenset(objective_params) if objective_params is not None else _objective_params(plugin),
-                  _has_pretrained_option(plugin) if has_pretrained_option is None else has_pretrained_option)
-    handlers = {**COMMON, **PLUGIN_SPECIFIC[plugin]}
+                  frozenset(objective_params) if objective_params is not None else _objective_params(plugin, hook),
+                  pretrained)
+    handlers = {**COMMON, **hook.handlers}
     rows: list[Row] = []
     seen_outputs: set[str] = set()
     applied = [k for k in OPTIMISATION_DEFAULTS if k not in cfg and k in known]
@@ -589,21 +627,21 @@ def trl_config_mapping(path: str | Path, plugin: str, *, objective_params: Seque
             if key in handlers:
                 out = handlers[key](value, full_cfg, ctx)
             elif key in ctx.objective_params:
-                out = [_set(f"objective.{key}", value)]
+                out = [override(f"objective.{key}", value)]
             elif key in IGNORED:
-                raise _Ignored(IGNORED[key])
+                raise Ignored(IGNORED[key])
             elif value == known[key]:
                 row.status, row.note, out = "at_default", "TRL's default, nothing to set", []
             else:
-                raise _Unmapped(f"no modalforge counterpart for {plugin}")
+                raise Unmapped(f"no modalforge counterpart for {plugin}")
             # a pair of arguments mapped by one handler (adam_beta1/2, bf16/fp16, save_*) emits once
             row.overrides = [o for o in out if o not in seen_outputs]
             seen_outputs.update(out)
             if not row.overrides and row.status != "at_default":
                 row.note = f"see {PARTNERS[key]}" if key in PARTNERS else "nothing to set"
-        except _Unmapped as why:
+        except Unmapped as why:
             row.status, row.note = "unmapped", str(why)
-        except _Ignored as why:
+        except Ignored as why:
             row.status, row.note = "ignored", str(why)
         rows.append(row)
     return Mapping(str(path), plugin, config_class, rows, {str(k): str(v) for k, v in env.items()})
@@ -622,8 +660,9 @@ def _override_key(arg: str) -> str:
 def expand_argv(argv: Sequence[str]) -> list[str]:
     """``train`` arguments with ``trl_config=<file>`` replaced by its overrides.
 
-    Overrides given on the command line win over the file's. Prints the mapping once;
-    sets the file's ``env`` variables (as TrlParser does).
+    The file is read for the chosen ``plugin=``. Overrides given on the command line win
+    over the file's. Prints the mapping once; sets the file's ``env`` variables (as
+    TrlParser does).
 
     Raises:
         TrlConfigError: as :func:`trl_config_mapping`, or when an argument has no counterpart.
@@ -638,7 +677,7 @@ def expand_argv(argv: Sequence[str]) -> list[str]:
     path = argv[index].split("=", 1)[1]
     plugins = [a.split("=", 1)[1] for a in argv if a.startswith("plugin=")]
     if not plugins:
-        raise TrlConfigError(f"trl_config={path} needs plugin=dpo, sft or grpo")
+        raise TrlConfigError(f"trl_config={path} needs plugin=<name>; {_choices()}")
     mapping = trl_config_mapping(path, plugins[0])
     if mapping.unmapped:
         rows = [r for r in mapping.rows if r.status == "unmapped"]

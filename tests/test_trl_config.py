@@ -10,8 +10,11 @@ import pytest
 
 from modalforge.config import compose
 from modalforge.testing import check_config_binds
-from modalforge.trl_config import (TrlConfigError, expand_argv, snapshot, trl_config_mapping,
-                                   trl_config_overrides)
+from modalforge import registry
+from modalforge.plugin import Plugin
+from modalforge.registry import InstalledPlugin
+from modalforge.trl_config import (TrlConfigError, expand_argv, format_value, resolve, snapshot, trl_config_mapping,
+                                   trl_config_overrides, trl_plugins)
 
 from cli_helpers import FAST, run_cli, series
 
@@ -133,7 +136,7 @@ def test_sft_and_grpo_configs(tmp_path):
     assert {"objective.num_generations=4", "objective.beta=0.04", "optim.lr=1e-06"} <= set(grpo.overrides)
     assert grpo.unmapped == ["temperature"]  # until the grpo objective takes it
     assert {r.key: r.status for r in grpo.rows}["use_vllm"] == "at_default"
-    with pytest.raises(TrlConfigError, match="works with plugin=dpo, sft or grpo"):
+    with pytest.raises(TrlConfigError, match="works with plugin=dpo, grpo or sft"):
         trl_config_mapping(_write(tmp_path, "beta: 0.1\n"), "clip")
 
 
@@ -142,6 +145,89 @@ def test_command_line_overrides_win(tmp_path, capsys):
     argv = expand_argv(["plugin=dpo", f"trl_config={path}", "optim.lr=0.1"])
     assert "objective.beta=0.3" in argv and "optim.lr=1e-05" not in argv and argv[-1] == "optim.lr=0.1"
     assert "(overridden on the command line: optim.lr=1e-05)" in capsys.readouterr().out
+
+
+def test_backslashes_reach_the_config_unchanged(tmp_path):
+    """A Windows output_dir and a regex lora_target_modules are Hydra-quoted, never doubled."""
+    path = _write(tmp_path, r"""
+        output_dir: 'C:\runs\dpo'
+        use_peft: true
+        lora_target_modules: '.*\.(q|v)_proj$'
+        """)
+    overrides = trl_config_mapping(path, "dpo").overrides
+    cfg = compose(["plugin=dpo", *overrides])
+    assert cfg.run_dir == r"C:\runs\dpo"
+    assert cfg.adapter.target_modules == r".*\.(q|v)_proj$"
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in ["it's", "a\\", "\\'", "x y", "true", "1", "${x}", "a,b", "[q]"]:
+        assert parser.parse_override(f"k={format_value(text)}").value() == text, text
+        assert format_value(text).startswith("'")  # strings always quoted, as the printed mapping shows
+
+
+@pytest.mark.parametrize("name, optim", [("paged_adamw_8bit", "paged_adamw_8bit"),
+                                         ("paged_adamw_32bit", "paged_adamw_32bit"),
+                                         ("adamw_bnb_8bit", "adamw_8bit"), ("adamw_torch_fused", "adamw")])
+def test_optimizers_map_to_optim_name(tmp_path, name, optim):
+    mapping = trl_config_mapping(_write(tmp_path, f"optim: {name}\n"), "sft")
+    assert f"optim.name='{optim}'" in mapping.overrides and not mapping.unmapped
+    assert compose(["plugin=sft", *mapping.overrides]).optim.name == optim
+
+
+def test_builtin_plugins_declare_their_mapping_through_the_registry():
+    plugins = trl_plugins()
+    assert {name: hook.config_classes for name, hook in plugins.items()} == {
+        "dpo": ("DPOConfig",), "grpo": ("GRPOConfig",), "sft": ("SFTConfig",)}
+    for name, hook in plugins.items():
+        assert resolve(hook.config_classes[0])[0] == name  # found by its TRL class too
+        group, option = hook.pretrained_model.split("/")
+        package = registry.get(name).plugin.conf_package
+        assert (__import__("importlib").resources.files(package) / "model" / group / f"{option}.yaml").is_file()
+
+
+def test_discovery_imports_no_trl_hook():
+    import subprocess
+    import sys
+
+    code = ("import sys; import modalforge.registry as r; r.discover(); "
+            "print(sorted(m for m in sys.modules if m.endswith('.trl') or m == 'modalforge.trl_config'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+TOY_HOOK = """
+from modalforge.trl_config import TrlPlugin, must_be
+
+
+class ToyObjective:
+    def __init__(self, model, completion_only_loss: bool = False):
+        pass
+
+
+mapping = TrlPlugin(config_classes=("SFTConfig",), objective="toy_trl_hook.ToyObjective",
+                    handlers={"packing": must_be(False, "toy never packs")})
+"""
+
+
+def test_a_third_party_plugin_gets_trl_config(tmp_path, monkeypatch):
+    """Nothing in the core names the plugins that read TRL files: a new one is found by its hook."""
+    (tmp_path / "toy_trl_hook.py").write_text(TOY_HOOK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    toy = Plugin(name="toy", modality="text", description="toy", conf_package="toy.conf", datamodule="toy.D",
+                 objective="toy.O", trl="toy_trl_hook:mapping")
+    found = {**registry.discover(), "toy": InstalledPlugin(toy, "toy-dist", "1.0", "toy:plugin")}
+    monkeypatch.setattr(registry, "discover", lambda: found)
+    path = _write(tmp_path, "completion_only_loss: true\npacking: true\nmodel_name_or_path: me/model\n")
+    mapping = trl_config_mapping(path, "toy")
+    assert mapping.config_class == "SFTConfig"
+    assert mapping.overrides[:2] == ["objective.completion_only_loss=true", "model.name_or_path='me/model'"]
+    assert mapping.unmapped == ["packing"] and "toy never packs" in mapping.describe()
+    with pytest.raises(TrlConfigError, match="SFTConfig is read by plugins sft, toy: choose one with plugin="):
+        trl_config_mapping(path, "SFTConfig")
+    with pytest.raises(TrlConfigError, match=r"plugin=dpo, grpo, sft or toy \(TRL's DPOConfig, GRPOConfig, "
+                                             r"SFTConfig, SFTConfig\)"):
+        expand_argv([f"trl_config={path}"])
 
 
 def test_snapshot_matches_installed_trl():

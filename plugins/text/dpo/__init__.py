@@ -9,4 +9,5 @@ plugin = Plugin(
     conf_package="modalforge.plugins.text.dpo.conf",
     datamodule="modalforge.plugins.text.dpo.data.DPODataModule",
     objective="modalforge.plugins.text.dpo.objective.DPOObjective",
+    trl="modalforge.plugins.text.dpo.trl:mapping",
 )

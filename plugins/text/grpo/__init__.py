@@ -12,4 +12,5 @@ plugin = Plugin(
     conf_package="modalforge.plugins.text.grpo.conf",
     datamodule="modalforge.plugins.text.grpo.data.GRPODataModule",
     objective="modalforge.plugins.text.grpo.objective.GRPOObjective",
+    trl="modalforge.plugins.text.grpo.trl:mapping",
 )

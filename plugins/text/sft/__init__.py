@@ -9,4 +9,5 @@ plugin = Plugin(
     conf_package="modalforge.plugins.text.sft.conf",
     datamodule="modalforge.plugins.text.sft.data.SFTDataModule",
     objective="modalforge.plugins.text.sft.objective.SFTObjective",
+    trl="modalforge.plugins.text.sft.trl:mapping",
 )
