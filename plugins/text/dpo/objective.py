@@ -320,8 +320,10 @@ class DPOObjective(ModelObjective):
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[StepOutput, torch.Tensor]:
         loss, metrics, correct = self._kto(batch) if self.loss_names == ["kto"] else self._paired(batch)
         size = len(correct)
+        # Every loss here is a mean over pairs (KTO: over examples), as the papers define it; the core
+        # makes it the mean over the optimizer step's pairs, however accumulation and ranks split them.
         return StepOutput(loss=loss, metrics=metrics, num_tokens=int(batch["attention_mask"].sum()),
-                          batch_size=size, num_learned_tokens=batch["completion_mask"].sum()), correct
+                          batch_size=size, num_learned_tokens=batch["completion_mask"].sum(), mean_over=size), correct
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         return self._step(batch)[0]
