@@ -27,7 +27,12 @@ def _newest_checkpoint(folder: Path) -> Path | None:
 
 
 def _is_distributed(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").exists()
+    return path.is_dir() and ((path / ".metadata").exists() or _is_zero(path))
+
+
+def _is_zero(path: Path) -> bool:
+    """A DeepSpeed checkpoint: a folder with a ``latest`` tag file and the per-rank ZeRO states under it."""
+    return path.is_dir() and (path / "latest").is_file()
 
 
 def resolve_source(source: str | Path) -> tuple[Path, Path]:
@@ -47,6 +52,8 @@ def resolve_source(source: str | Path) -> tuple[Path, Path]:
 
 
 def _read(path: Path, trust: bool = False) -> dict[str, Any]:
+    if _is_zero(path):  # DeepSpeed ZeRO-2/3: gathered to fp32 by Lightning's conversion (needs deepspeed)
+        return read_zero_checkpoint(path)
     if _is_distributed(path):  # a sharded (FSDP2) checkpoint: a folder written by torch.distributed.checkpoint
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
@@ -59,6 +66,24 @@ def _read(path: Path, trust: bool = False) -> dict[str, Any]:
             checkpoint["state_dict"] = checkpoint.pop("model")
         return checkpoint
     return read_checkpoint(str(path), trust=trust, switch="--trust")  # weights_only=True unless --trust
+
+
+def read_zero_checkpoint(path: Path) -> dict[str, Any]:
+    """A DeepSpeed checkpoint folder as one checkpoint dict whose ``state_dict`` holds full fp32 weights.
+
+    Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` merges the per-rank partitions (ZeRO-3)
+    into the master weights and keeps Lightning's own state; its file is written beside the folder.
+    """
+    import tempfile
+
+    try:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            return convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "fp32.ckpt")
+    except ModuleNotFoundError:
+        raise CheckpointError("is a DeepSpeed checkpoint, and reading it needs deepspeed", where=str(path),
+                              hint='pip install "modalforge[deepspeed]"') from None
 
 
 def _run_config(checkpoint: dict[str, Any], run_dir: Path, path: Path) -> dict[str, Any]:

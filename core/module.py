@@ -308,10 +308,28 @@ class TrainingModule(L.LightningModule):
 
     # ---- export -----------------------------------------------------------------------
     def is_sharded(self) -> bool:
-        """Whether a strategy sharded the parameters (FSDP2's DTensors): exports must gather first."""
+        """Whether a strategy sharded the parameters (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions):
+        exports must gather first."""
         from torch.distributed.tensor import DTensor
 
-        return any(isinstance(p, DTensor) for p in self.parameters())
+        return _zero_stage(self._trainer) == 3 or any(isinstance(p, DTensor) for p in self.parameters())
+
+    def _zero3_state(self) -> dict[str, Any] | None:
+        # ZeRO-3 partitions every parameter over the ranks; Lightning's conversion of a ZeRO checkpoint
+        # (all ranks write it) gathers the fp32 master weights on rank zero.
+        import shutil
+
+        folder = Path(self.trainer.default_root_dir) / "checkpoints" / ".export-zero3"
+        self.trainer.save_checkpoint(str(folder))
+        self.trainer.strategy.barrier()
+        if not self.trainer.is_global_zero:
+            return None
+        from modalforge.export import read_zero_checkpoint
+
+        try:
+            return read_zero_checkpoint(folder)["state_dict"]
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def gathered_copy(self) -> "TrainingModule | None":
         """A plain, unsharded copy holding the full trained weights on rank zero (``None`` elsewhere).
@@ -321,7 +339,10 @@ class TrainingModule(L.LightningModule):
         strictly, so what it exports equals the training weights."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if _zero_stage(self._trainer) == 3:
+            state = self._zero3_state()
+        else:
+            state = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.trainer.is_global_zero:
             return None
         if self.run_config is None:
@@ -371,3 +392,11 @@ def _is_bnb_quant_state(key: str) -> bool:
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     return (sum(p.numel() for p in module.parameters() if p.requires_grad), sum(p.numel() for p in module.parameters()))
+
+def _zero_stage(trainer: Any) -> int | None:
+    """The ZeRO stage of a DeepSpeed strategy (``None`` under any other, or outside a run)."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    config = getattr(strategy, "config", None) if "DeepSpeed" in type(strategy).__name__ else None
+    if not isinstance(config, dict):
+        return None
+    return int((config.get("zero_optimization") or {}).get("stage", 0))

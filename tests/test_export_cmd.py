@@ -99,3 +99,62 @@ def test_export_errors_are_one_line_with_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(("error:", "hint:")) and any(line.startswith("error:") for line in err)
         assert "Traceback" not in "\n".join(err)
+
+
+def test_a_deepspeed_zero_checkpoint_exports_through_lightnings_conversion(tmp_path, monkeypatch):
+    """A ZeRO checkpoint folder (a ``latest`` tag file) goes through Lightning's fp32 conversion; its
+    state is what final/ holds. deepspeed itself (GPU-only) is replaced by a stand-in conversion here."""
+    import lightning.pytorch.utilities.deepspeed as ds
+    from transformers import AutoModelForCausalLM
+
+    run_dir = _train(tmp_path)
+    source = run_dir / "checkpoints" / "step0000004.ckpt"
+    folder = run_dir / "checkpoints" / "zero.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    calls = []
+
+    def convert(checkpoint_dir, output_file, tag=None):  # noqa: ANN001, ANN202
+        calls.append(Path(checkpoint_dir))
+        return torch.load(source, map_location="cpu", weights_only=False)
+
+    monkeypatch.setattr(ds, "convert_zero_checkpoint_to_fp32_state_dict", convert)
+    out = export_checkpoint(folder, tmp_path / "out")
+    assert calls == [folder]
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    for name, value in _weights(source).items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_a_zero_checkpoint_without_deepspeed_is_one_line(tmp_path):
+    from modalforge.errors import CheckpointError
+    from modalforge.export import read_zero_checkpoint
+
+    pytest.importorskip("lightning")
+    folder = tmp_path / "zero.ckpt"
+    folder.mkdir()
+    (folder / "latest").write_text("global_step4")
+    try:
+        import deepspeed  # noqa: F401
+        pytest.skip("deepspeed is installed")
+    except ImportError:
+        pass
+    with pytest.raises(CheckpointError, match="deepspeed"):
+        read_zero_checkpoint(folder)
+
+
+def test_zero_stage_is_read_from_a_deepspeed_strategy_only():
+    from modalforge.module import _zero_stage
+
+    class DeepSpeedStrategy:
+        config = {"zero_optimization": {"stage": 3}}
+
+    class DDPStrategy:
+        config = {"zero_optimization": {"stage": 3}}
+
+    class Trainer:
+        def __init__(self, strategy):  # noqa: ANN001
+            self.strategy = strategy
+
+    assert _zero_stage(Trainer(DeepSpeedStrategy())) == 3
+    assert _zero_stage(Trainer(DDPStrategy())) is None and _zero_stage(None) is None
