@@ -53,6 +53,63 @@ def offline_hint(name_or_path: str, err: BaseException, what: str = "model") -> 
     return ModelLoadError(
         f"could not load {what} {name_or_path!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
         f"If this machine has no access to the Hugging Face Hub, download the {what} elsewhere "
-        f"(`huggingface-cli download {name_or_path} --local-dir /models/x`) and point at the folder: "
+        f"(`hf download {name_or_path} --local-dir /models/x`) and point at the folder: "
         f"model.name_or_path=/models/x. To build a small model from scratch instead, leave model.name_or_path=null."
     )
+
+
+#: Seconds the one reachability probe of the Hub may take (huggingface_hub's own retries take a minute).
+HUB_PROBE_TIMEOUT = 3.0
+_reachable: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the Hub endpoint (``HF_ENDPOINT``) answers at all, any HTTP status; asked once per process,
+    through huggingface_hub's own session (its proxies and certificates)."""
+    from huggingface_hub import constants, get_session
+
+    endpoint = constants.ENDPOINT
+    if endpoint not in _reachable:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+            _reachable[endpoint] = True
+        except Exception:  # noqa: BLE001 - DNS, refused, timeout, TLS: all mean "not from here"
+            _reachable[endpoint] = False
+    return _reachable[endpoint]
+
+
+def _needs_hub(name_or_path: str) -> bool:
+    """A hub id (``org/name``) that is no local folder, not in the local HF cache, with the Hub not declared offline."""
+    import os
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = str(name_or_path)
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False  # from_pretrained reads the cache alone, and fails at once
+    if os.path.exists(os.path.expanduser(text)):
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False  # a path that does not exist: from_pretrained names it
+    return not os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + text.replace("/", "--")))
+
+
+def check_hub(name_or_path: str | None, what: str = "model", where: str | None = "model.name_or_path") -> None:
+    """Fail in seconds, in one line, when ``name_or_path`` can only come from a Hub that cannot be reached.
+
+    Without ``HF_HUB_OFFLINE``, ``from_pretrained`` of a hub id retries for a minute or more before it gives up;
+    one short probe of the endpoint first tells "no network" apart at once."""
+    if not name_or_path or not _needs_hub(str(name_or_path)) or hub_reachable():
+        return
+    from huggingface_hub import constants
+
+    raise ModelLoadError(
+        f"{what} {name_or_path!r} is a Hugging Face Hub id, not in the local cache ({constants.HF_HUB_CACHE}), "
+        f"and {constants.ENDPOINT} cannot be reached from this machine",
+        where=where,
+        hint=f"download it where there is network (`hf download {name_or_path} --local-dir /models/x`) and set "
+             f"{where or 'model.name_or_path'}=/models/x{'' if where else ' (data.tokenizer=, if set apart)'}; or, "
+             "with it in the HF cache, set HF_HUB_OFFLINE=1")

@@ -251,7 +251,7 @@ def test_empty_local_model_folder_is_named_not_sent_to_the_hub(tmp_path):
         run(compose(_tiny(tmp_path / "run", "model=causal_lm/pretrained", f"model.name_or_path={empty}")),
             tmp_path / "run")
     assert str(empty) in str(info.value) and "empty" in str(info.value)
-    assert "huggingface-cli download" not in str(info.value) + str(info.value.hint)
+    assert "hf download" not in str(info.value) + str(info.value.hint)
 
 
 @pytest.mark.parametrize("plugin", ["clip", "diffusion", "image_classification"])

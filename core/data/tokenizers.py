@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from modalforge.data.cache import cache_root, ensure_built
-from modalforge.models import offline_hint
+from modalforge.models import check_hub, offline_hint
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
 
@@ -25,6 +25,7 @@ def load_tokenizer(name_or_path: str, **kwargs):  # noqa: ANN201 - transformers 
     """
     from transformers import AutoTokenizer
 
+    check_hub(name_or_path, "tokenizer", where=None)  # no network: seconds, not a minute of retries
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except Exception as err:  # noqa: BLE001 - OSError, HTTP errors, ValueError all mean "cannot load"

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from modalforge.errors import ConfigError
-from modalforge.models import offline_hint
+from modalforge.models import check_hub, offline_hint
 
 
 def build_causal_lm(name_or_path: str | None = None, config: dict[str, Any] | None = None,
@@ -37,6 +37,7 @@ def build_causal_lm(name_or_path: str | None = None, config: dict[str, Any] | No
     if name_or_path:
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
+        check_hub(name_or_path)  # no network: seconds, not a minute of retries
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         except Exception as err:  # noqa: BLE001
@@ -62,6 +63,7 @@ def block_classes_for(model_cfg: dict[str, Any]) -> set[type]:
 
     try:
         if model_cfg.get("name_or_path"):
+            check_hub(model_cfg["name_or_path"])  # unreachable: no hint, at once (the load then says why)
             config = AutoConfig.from_pretrained(model_cfg["name_or_path"],
                                                 trust_remote_code=bool(model_cfg.get("trust_remote_code")))
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modalforge.models import offline_hint
+from modalforge.models import check_hub, offline_hint
 
 
 def build_reward_model(name_or_path: str | None = None, config: dict[str, Any] | None = None,
@@ -18,6 +18,7 @@ def build_reward_model(name_or_path: str | None = None, config: dict[str, Any] |
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if name_or_path:
+        check_hub(name_or_path)  # no network: seconds, not a minute of retries
         try:
             model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1,
                                                                        trust_remote_code=trust_remote_code)
