@@ -91,6 +91,10 @@ class Objective(nn.Module, abc.ABC):
         model: the ``model`` config node (builder ``_target_`` and kwargs, or ``name_or_path``).
     """
 
+    #: ``module.loss_impl`` (set by the core before ``configure_model``): how a token loss over an LM
+    #: head is computed; pass it to :func:`modalforge.losses.token_loss`.
+    loss_impl: str = "auto"
+
     def __init__(self, model: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.model_config: dict[str, Any] = dict(model or {})

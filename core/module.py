@@ -35,6 +35,7 @@ class TrainingModule(L.LightningModule):
         gradient_checkpointing: trade compute for activation memory.
         num_samples: human-readable samples produced at each validation.
         compile: ``torch.compile`` the adapter target.
+        loss_impl: how Objectives compute token losses (:data:`modalforge.losses.LOSS_IMPLS`), set on the Objective.
     """
 
     def __init__(
@@ -46,9 +47,11 @@ class TrainingModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         num_samples: int = 3,
         compile: bool = False,
+        loss_impl: str = "auto",
     ) -> None:
         super().__init__()
         self.objective = objective
+        self.loss_impl = loss_impl
         self.adapter = adapter
         self.optim_config = dict(optim)
         self.gradient_checkpointing = gradient_checkpointing
@@ -77,6 +80,9 @@ class TrainingModule(L.LightningModule):
         datamodule = self._datamodule()
         if datamodule is not None:
             self.objective.connect(datamodule)
+        for objective in self.objective.modules():  # the Objective, and any it holds (one per task)
+            if isinstance(objective, Objective):
+                objective.loss_impl = self.loss_impl
         from modalforge.adapters import pretrained_loading  # what the adapter asks of from_pretrained (qlora: 4 bits)
 
         with pretrained_loading(self.adapter, getattr(self._trainer, "precision", None)):
@@ -392,6 +398,7 @@ def _is_bnb_quant_state(key: str) -> bool:
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     return (sum(p.numel() for p in module.parameters() if p.requires_grad), sum(p.numel() for p in module.parameters()))
+
 
 def _zero_stage(trainer: Any) -> int | None:
     """The ZeRO stage of a DeepSpeed strategy (``None`` under any other, or outside a run)."""

@@ -211,3 +211,57 @@ def test_gpu_kernels_name_their_package(impl, package):
         resolve_loss_impl(impl, _tiny_lm())
     with pytest.raises(ConfigError, match="not one of"):
         resolve_loss_impl("fused", _tiny_lm())
+
+
+# ---- in the plugins: the same training step with module.loss_impl=chunked and dense --------------
+@pytest.mark.parametrize("plugin", ["sft", "causal_lm"])
+def test_plugin_step_chunked_equals_dense(plugin):
+    from modalforge.config import compose
+    from modalforge.run import build_components, build_module
+    from modalforge.validate import validate_config
+
+    cfg = compose([f"plugin={plugin}", "module.loss_impl=chunked", "data.batch_size=2"])
+    validate_config(cfg)
+    datamodule, objective, adapter = build_components(cfg)
+    datamodule.setup("fit")
+    module = build_module(cfg, objective, adapter)
+    objective.datamodule = datamodule
+    module.configure_model()
+    assert objective.loss_impl == "chunked"
+    batch = next(iter(datamodule.train_dataloader()))
+    results = {}
+    for impl in ("dense", "chunked"):
+        objective.loss_impl = impl
+        module.zero_grad()
+        out = objective.training_step(batch)
+        out.loss.backward()
+        results[impl] = (out, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    (dense, dense_grads), (chunked, chunked_grads) = results["dense"], results["chunked"]
+    assert chunked.mean_over == dense.mean_over and chunked.num_learned_tokens == dense.num_learned_tokens
+    torch.testing.assert_close(chunked.loss, dense.loss, **TOL)
+    assert dense_grads.keys() == chunked_grads.keys() and dense_grads
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, **TOL, msg=name)
+    if plugin == "sft":  # the same numbers as before the switch: CE over the learned tokens' logits
+        from modalforge.plugins.text.sft.objective import token_loss_and_accuracy
+
+        with torch.no_grad():
+            logits = objective.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                     position_ids=batch.get("position_ids"), use_cache=False).logits
+        loss, accuracy, count = token_loss_and_accuracy(logits, batch["labels"])
+        torch.testing.assert_close(chunked.loss.detach(), loss, **TOL)
+        torch.testing.assert_close(chunked.metrics["token_acc"], accuracy)
+        assert chunked.mean_over == count
+    else:  # the model's own loss, as causal_lm took it before the switch
+        with torch.no_grad():
+            own = objective.model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+        torch.testing.assert_close(chunked.loss.detach(), own, **TOL)
+        assert torch.equal(dense.loss.detach(), own)
+
+
+def test_unknown_loss_impl_is_a_config_error():
+    from modalforge.config import compose
+    from modalforge.validate import validate_config
+
+    with pytest.raises(ConfigError, match="'fused' is not one of: auto, chunked, dense, liger, cce"):
+        validate_config(compose(["plugin=sft", "module.loss_impl=fused"]))

@@ -52,6 +52,7 @@ class _Head:
     softcap: float | None
     temperature: float
     entropy: bool
+    predictions: bool = False
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -73,28 +74,33 @@ def _chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     z, tanh = _logits(hidden, weight, bias, head)
     valid = targets != head.ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(1)
-    lse = torch.logsumexp(z, dim=-1)
-    logp = torch.where(valid, z.gather(1, safe).squeeze(1) - lse, torch.zeros_like(lse))
-    predictions = z.argmax(-1)
+    # torch's fused log_softmax: one pass for the max, the log-sum-exp (fp32) and the result
+    log_probs = torch.log_softmax(z, dim=-1)
+    del z
+    zero = torch.zeros((), device=log_probs.device)
+    logp = torch.where(valid, log_probs.gather(1, safe).squeeze(1), zero)
+    predictions = log_probs.argmax(-1) if head.predictions else None
     entropy = None
     if head.entropy:  # -sum p log p, as written: lse - E_p[z] would cancel digits away
-        log_probs = z - lse.unsqueeze(1)
         probs = log_probs.exp()
         entropy = -(probs * log_probs).sum(-1)
-    else:
-        probs = (z - lse.unsqueeze(1)).exp_()
+    elif grad_logp is not None:
+        probs = log_probs.exp_()
     if grad_logp is None and grad_entropy is None:
         return logp, entropy, predictions, None
-    # d logp / dz = onehot - p;  d entropy / dz = -p (log p + entropy)
-    grad = torch.zeros_like(z)
-    if grad_logp is not None:
-        g = torch.where(valid, grad_logp.float(), torch.zeros_like(lse))
-        grad = probs * (-g).unsqueeze(1)
-        grad.scatter_add_(1, safe, g.unsqueeze(1))
+    # d logp / dz = onehot - p;  d entropy / dz = -p (log p + entropy); in place where probs is free
+    g = torch.where(valid, grad_logp.float(), zero) if grad_logp is not None else None
     if grad_entropy is not None:
-        grad -= probs * (log_probs + entropy.unsqueeze(1)) * grad_entropy.float().unsqueeze(1)
+        grad = probs * (log_probs + entropy.unsqueeze(1)) * (-grad_entropy.float()).unsqueeze(1)
+        if g is not None:
+            grad.addcmul_(probs, (-g).unsqueeze(1))
+    else:
+        grad = probs.mul_((-g).unsqueeze(1))
+    if g is not None:
+        grad.scatter_add_(1, safe, g.unsqueeze(1))
     del probs
-    grad.div_(head.temperature)  # z = s / T
+    if head.temperature != 1.0:
+        grad.div_(head.temperature)  # z = s / T
     if tanh is not None:  # s = c * tanh(l / c): ds/dl = 1 - tanh^2
         grad.mul_(1 - tanh * tanh)
     return logp, entropy, predictions, grad
@@ -126,19 +132,22 @@ class _FusedSum(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, head: _Head, wanted: tuple[bool, bool, bool]):  # noqa: ANN001
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        predictions = torch.empty(n, dtype=torch.long, device=hidden.device)
+        predictions = torch.empty(n if head.predictions else 0, dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wanted[0] else None
         grads = _grad_buffers(weight, bias, wanted[1:])
         ones = torch.full((min(head.chunk_size, n),), -1.0, device=hidden.device)
         for start in range(0, n, head.chunk_size):
             rows = slice(start, start + head.chunk_size)
             h = hidden[rows]
-            logp, _, predictions[rows], grad = _chunk(h, weight, bias, targets[rows], head, ones[: h.shape[0]], None)
+            logp, _, preds, grad = _chunk(h, weight, bias, targets[rows], head, ones[: h.shape[0]], None)
+            if preds is not None:
+                predictions[rows] = preds
             total -= logp.sum()
             g_h = _accumulate(grad, h, weight, grads)
             if grad_hidden is not None:
                 grad_hidden[rows] = g_h
         ctx.mark_non_differentiable(predictions)
+        # own buffers, used once: scaled in place in backward, so no second [vocab, hidden] copy
         ctx.grads = (grad_hidden,
                      None if grads[0] is None else grads[0].to(weight.dtype),
                      None if grads[1] is None else grads[1].to(bias.dtype))
@@ -146,7 +155,7 @@ class _FusedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_predictions):  # noqa: ANN001
-        grads = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads)
+        grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
         return (*grads, None, None, None)
 
@@ -159,11 +168,13 @@ class _Recompute(torch.autograd.Function):
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n if head.entropy else 0, dtype=torch.float32, device=hidden.device)
-        predictions = torch.empty(n, dtype=torch.long, device=hidden.device)
+        predictions = torch.empty(n if head.predictions else 0, dtype=torch.long, device=hidden.device)
         with torch.no_grad():
             for start in range(0, n, head.chunk_size):
                 rows = slice(start, start + head.chunk_size)
-                lp, ent, predictions[rows], _ = _chunk(hidden[rows], weight, bias, targets[rows], head, None, None)
+                lp, ent, preds, _ = _chunk(hidden[rows], weight, bias, targets[rows], head, None, None)
+                if preds is not None:
+                    predictions[rows] = preds
                 logp[rows] = lp
                 if ent is not None:
                     entropy[rows] = ent
@@ -235,7 +246,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         return_predictions: also return the argmax id of each row (for token accuracy), not differentiable.
     """
     flat_hidden, flat_labels = _flat(hidden, labels)
-    head = _Head(chunk_size or default_chunk_size(weight.shape[0]), ignore_index, softcap, 1.0, False)
+    head = _Head(chunk_size or default_chunk_size(weight.shape[0]), ignore_index, softcap, 1.0, False,
+                 return_predictions)
     if reduction == "none":
         logp, _, predictions = _apply(_Recompute, flat_hidden, weight, bias, flat_labels, head)
         loss = (-logp).reshape(labels.shape)

@@ -77,7 +77,8 @@ def lm_head(model: nn.Module) -> LMHead | str:
 
     if isinstance(head.weight, DTensor) or any(isinstance(p, DTensor) for p in body.parameters()):
         return "the model is sharded (FSDP): its body cannot be called apart from the root module"
-    text = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    config = getattr(hf, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("logit_scale", "logits_scaling"):
         if getattr(text, name, None) not in (None, 1, 1.0):
             return f"its config scales logits ({name}={getattr(text, name)})"
@@ -123,11 +124,13 @@ def _fused_loss(impl: str, head: LMHead, hidden: torch.Tensor, labels: torch.Ten
                                 softcap=head.softcap, reduction="mean")
 
 
-def token_loss(model: nn.Module, labels: torch.Tensor, *, impl: str = "auto", **inputs: Any) -> TokenLoss:
+def token_loss(model: nn.Module, labels: torch.Tensor, *, impl: str = "auto", accuracy: bool = True,
+               **inputs: Any) -> TokenLoss:
     """Mean next-token CE of ``model(**inputs)`` over ``labels[:, 1:] != -100``, shifted here.
 
     The same number in every implementation: ``dense`` is ``cross_entropy`` of the fp32 logits over
-    the learned tokens; the others equal it (``chunked`` to rounding, fp32 log-sum-exp)."""
+    the learned tokens, as transformers computes it; the others equal it (``chunked`` to rounding).
+    ``accuracy``: also the argmax accuracy on those tokens (dense and chunked; ``None`` otherwise)."""
     name, head = resolve_loss_impl(impl, model)
     # Shifted by padding the labels (as transformers does), not by slicing the logits, which would copy them.
     targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -137,10 +140,10 @@ def token_loss(model: nn.Module, labels: torch.Tensor, *, impl: str = "auto", **
         logits = model(**inputs, use_cache=False).logits.float()
         loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1),
                                            ignore_index=IGNORE_INDEX)
-        return TokenLoss(loss, count, (logits.argmax(-1)[mask] == targets[mask]).float().mean())
+        return TokenLoss(loss, count, (logits.argmax(-1)[mask] == targets[mask]).float().mean() if accuracy else None)
     hidden = head.body(**inputs, use_cache=False)[0]
     if name == "chunked":
         loss, predictions = chunked_cross_entropy(hidden, head.weight, targets, bias=head.bias,
                                                   softcap=head.softcap, return_predictions=True)
-        return TokenLoss(loss, count, (predictions[mask] == targets[mask]).float().mean())
+        return TokenLoss(loss, count, (predictions[mask] == targets[mask]).float().mean() if accuracy else None)
     return TokenLoss(_fused_loss(name, head, hidden, targets), count, None)

@@ -23,9 +23,9 @@ from torchmetrics import MeanMetric
 
 from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
+from modalforge.losses import token_loss
 from modalforge.plugins.multimodal.vlm.formats import normalise_answer
 from modalforge.plugins.text.chat.generate import END_OF_TURN
-from modalforge.plugins.text.sft.objective import token_loss_and_accuracy
 
 
 def _llava(model: nn.Module) -> nn.Module:
@@ -131,11 +131,13 @@ class VLMObjective(ModelObjective):
     # ---- steps ----------------------------------------------------------------------------
     def _forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         # use_cache=False: with a cache transformers does not derive packed boundaries from position ids
-        out = self.model(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
-                         attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"),
-                         use_cache=False)
-        loss, accuracy, count = token_loss_and_accuracy(out.logits, batch["labels"])
-        return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=count,
+        # module.loss_impl: chunked applies the LM head per chunk of rows, never holding the full logits
+        out = token_loss(self.model, batch["labels"], impl=self.loss_impl, input_ids=batch["input_ids"],
+                         pixel_values=batch.get("pixel_values"), attention_mask=batch.get("attention_mask"),
+                         position_ids=batch.get("position_ids"))
+        count = out.count
+        metrics = {"token_acc": out.accuracy} if out.accuracy is not None else {}
+        return StepOutput(loss=out.loss, metrics=metrics, num_tokens=count,
                           batch_size=batch["input_ids"].shape[0], num_learned_tokens=count, mean_over=count)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:

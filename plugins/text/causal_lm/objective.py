@@ -1,7 +1,8 @@
 """causal_lm objective: next-token cross-entropy, validation perplexity, text samples.
 
-Hugging Face causal LMs shift labels inside ``forward``, so the loss is the
-model's own; perplexity is exp of the token-weighted mean validation loss,
+The loss is the model's own shifted next-token cross-entropy, or with ``module.loss_impl`` chunked
+(the default from a 32k vocabulary) the same number from :func:`modalforge.losses.token_loss`
+without ever holding the full logits; perplexity is exp of the token-weighted mean validation loss,
 accumulated by a torchmetrics ``MeanMetric`` so it is exact across batches and ranks.
 """
 
@@ -14,6 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from modalforge.interfaces import ModelObjective, StepOutput
+from modalforge.losses import resolve_loss_impl, token_loss
 from modalforge.plugins.text.causal_lm.model import block_classes_for
 
 
@@ -35,7 +37,11 @@ class CausalLMObjective(ModelObjective):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         input_ids = batch["input_ids"]
-        out = self.model(input_ids=input_ids, labels=input_ids, use_cache=False)
+        # module.loss_impl: dense is the model's own loss (any model returning .loss); chunked equals it
+        # without the full logits
+        if resolve_loss_impl(self.loss_impl, self.model)[0] == "dense":
+            return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss, input_ids.numel()
+        out = token_loss(self.model, input_ids, impl=self.loss_impl, accuracy=False, input_ids=input_ids)
         return out.loss, input_ids.numel()
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:

@@ -1,5 +1,8 @@
 """sft objective: cross-entropy on the learned (assistant) tokens, token accuracy, samples.
 
+The loss comes from :func:`modalforge.losses.token_loss` (``module.loss_impl``: chunked at a large
+vocabulary, so the full logits are never held).
+
 Packed rows come with a block-diagonal attention mask and per-example position ids,
 so the loss of a packed row is the loss of its examples taken one by one.
 """
@@ -13,6 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from modalforge.interfaces import ModelObjective, StepOutput
+from modalforge.losses import token_loss
 from modalforge.plugins.text.causal_lm.model import block_classes_for
 from modalforge.plugins.text.chat.generate import answer
 from modalforge.plugins.text.chat.packing import input_token_count
@@ -46,11 +50,12 @@ class SFTObjective(ModelObjective):
         return block_classes_for(self.model_config)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                         position_ids=batch.get("position_ids"), use_cache=False)
-        loss, accuracy, count = token_loss_and_accuracy(out.logits, batch["labels"])
-        return StepOutput(loss=loss, metrics={"token_acc": accuracy}, num_tokens=input_token_count(batch),
-                          batch_size=batch["input_ids"].shape[0], num_learned_tokens=count, mean_over=count)
+        # module.loss_impl: chunked never holds the [batch, length, vocab] logits; same mean over learned tokens
+        out = token_loss(self.model, batch["labels"], impl=self.loss_impl, input_ids=batch["input_ids"],
+                         attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
+        metrics = {"token_acc": out.accuracy} if out.accuracy is not None else {}
+        return StepOutput(loss=out.loss, metrics=metrics, num_tokens=input_token_count(batch),
+                          batch_size=batch["input_ids"].shape[0], num_learned_tokens=out.count, mean_over=out.count)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         out = self._forward(batch)
