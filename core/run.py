@@ -22,6 +22,7 @@ from modalforge.errors import RunDirError
 from modalforge.callbacks.interrupt import CheckpointOnInterrupt
 from modalforge.callbacks.nonfinite import NonFiniteGuard
 from modalforge.callbacks.out_of_memory import OutOfMemoryReport, explain_out_of_memory
+from modalforge.callbacks.data_identity import DataIdentity, check_resume
 from modalforge.callbacks.rng_state import RNGState
 from modalforge.callbacks.step_checkpoint import StepCheckpoint
 from modalforge.interfaces import Adapter, DataModule, Objective
@@ -66,6 +67,10 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     # Per-rank seeds (seed + rank) once the model is built, and RNG states in checkpoints: exact resume.
     callbacks.append(RNGState(seed=int(cfg.get("seed", 0))))
+    # The data files a checkpoint's data position was counted on: a changed one is refused on resume.
+    data_cfg = cfg.get("data") or {}
+    callbacks.append(DataIdentity([data_cfg.get("train"), data_cfg.get("val")],
+                                  str((cfg.get("checkpoint") or {}).get("on_data_change", "refuse"))))
     callbacks.append(quiet.FrozenHelpersInEval())  # no "modules in eval mode" warning for frozen helpers alone
     module_cfg = cfg.get("module") or {}
     # A NaN/Inf loss or gradient norm: stop (or skip the step) before the weights or a checkpoint take it.
@@ -186,7 +191,11 @@ def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMo
     check_run_dir(output_dir, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     trust = bool((cfg.get("checkpoint") or {}).get("trust", False))  # checkpoint.trust: unpickle any object
-    old_config = read_checkpoint(ckpt_path, trust=trust).get(CONFIG_KEY) if ckpt_path else None
+    saved = read_checkpoint(ckpt_path, trust=trust) if ckpt_path else {}
+    old_config = saved.get(CONFIG_KEY)
+    if ckpt_path:  # data files changed under the checkpoint: refused before anything is built from them
+        check_resume(saved, str((cfg.get("checkpoint") or {}).get("on_data_change", "refuse")))
+    del saved
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule, objective, adapter = build_components(cfg)

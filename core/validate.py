@@ -281,11 +281,12 @@ def validate_config(cfg: DictConfig) -> None:
         _check_against_defaults("optim", plain["optim"], _optim_choices())
     for name in ("module", "checkpoint"):
         if plain.get(name) is not None:
+            from modalforge.callbacks.data_identity import ON_CHANGE
             from modalforge.callbacks.nonfinite import NONFINITE_MODES
             from modalforge.losses.lm import LOSS_IMPLS
 
             _check_against_defaults(name, plain[name], {"nonfinite": NONFINITE_MODES, "loss_impl": LOSS_IMPLS}
-                                    if name == "module" else {})
+                                    if name == "module" else {"on_data_change": ON_CHANGE})
     for name in ("data", "adapter"):
         node = plain.get(name)
         if isinstance(node, Mapping) and node.get("_target_"):
