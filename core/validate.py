@@ -275,6 +275,10 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError("is required and not set", where=key,
                               hint=f"set it on the command line: {key}=..." + (" (e.g. tasks=[clip,causal_lm])"
                                                                                if key == "tasks" else ""))
+    if isinstance(plain.get("strategy"), Mapping):
+        from modalforge.scale.strategies import check_strategy_keys
+
+        check_strategy_keys(plain["strategy"])
     if plain.get("trainer") is not None:
         _check_trainer(plain["trainer"])
     if plain.get("optim") is not None:

@@ -98,3 +98,16 @@ def test_bf16_on_cpu_warns(monkeypatch):
         warnings.simplefilter("error")
         assert check_precision(None) == "32-true"
         assert check_precision("32-true", "cpu") == "32-true"
+
+
+def test_an_unknown_strategy_setting_is_one_error_naming_it():
+    """`+strategy.static_graphh=true` used to be silently ignored."""
+    from modalforge.errors import ConfigError
+    from modalforge.scale.strategies import STRATEGY_KEYS, check_strategy_keys
+    from modalforge.validate import validate_config
+
+    with pytest.raises(ConfigError, match="did you mean 'static_graph'") as info:
+        validate_config(compose(["plugin=causal_lm", "strategy=ddp", "+strategy.static_graphh=true"]))
+    assert info.value.where == "strategy.static_graphh"
+    for name in STRATEGY_KEYS:  # every shipped strategy config passes as it is
+        check_strategy_keys(compose(["plugin=causal_lm", f"strategy={name}"]).strategy)

@@ -21,6 +21,38 @@ STRATEGY_NAMES = ("auto", "ddp", "fsdp", "fsdp1", "deepspeed_zero2", "deepspeed_
 GPU_ONLY = ("fsdp1", "deepspeed_zero2", "deepspeed_zero3")
 
 
+#: The settings each strategy reads (besides ``name``); any other key is a typo, refused by name.
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "auto": (),
+    "ddp": ("find_unused_parameters", "static_graph", "gradient_as_bucket_view", "timeout"),
+    "fsdp": ("reshard_after_forward", "activation_checkpointing", "cpu_offload", "shard_size",
+             "distributed_checkpoint", "timeout"),
+    "fsdp1": ("activation_checkpointing", "sharding_strategy", "cpu_offload", "state_dict_type", "limit_all_gathers",
+              "use_orig_params", "timeout"),
+    "deepspeed_zero2": ("offload_optimizer", "offload_parameters", "allgather_bucket_size", "reduce_bucket_size"),
+    "deepspeed_zero3": ("offload_optimizer", "offload_parameters", "allgather_bucket_size", "reduce_bucket_size"),
+}
+
+
+def check_strategy_keys(cfg: Mapping[str, Any] | None) -> None:
+    """An unknown ``strategy.<key>`` (``+strategy.static_graphh=true``) is one error, never silently ignored."""
+    import difflib
+
+    from modalforge.errors import ConfigError
+
+    cfg = dict(cfg or {})
+    name = str(cfg.pop("name", "auto"))
+    if name not in STRATEGY_KEYS:
+        raise ConfigError(f"is not one of: {', '.join(STRATEGY_NAMES)}", where=f"strategy.name={name}")
+    valid = STRATEGY_KEYS[name]
+    for key in cfg:
+        if key not in valid:
+            close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+            raise ConfigError(f"strategy={name} has no setting {key!r}" + (f" (did you mean '{close[0]}'?)" if close
+                                                                          else ""), where=f"strategy.{key}",
+                              hint=f"settings of strategy={name}: {', '.join(valid) or 'none'}")
+
+
 def _timeout(cfg: dict[str, Any]):  # noqa: ANN202 - datetime.timedelta
     import datetime
 
@@ -104,6 +136,7 @@ def build_strategy(cfg: Mapping[str, Any] | None, *, block_classes: set[type[nn.
         block_classes: the plugin's transformer block classes (FSDP auto-wrap and activation checkpointing).
         accelerator: the trainer's accelerator, for strategies whose defaults depend on it.
     """
+    check_strategy_keys(cfg)
     cfg = dict(cfg or {})
     name = cfg.pop("name", "auto")
     if name == "auto":
