@@ -8,17 +8,18 @@ import torch
 from torch import nn
 
 from modalforge.plugins.text.chat.formats import Message
+from modalforge.plugins.text.chat.stops import stop_token_ids
 from modalforge.plugins.text.chat.tokenize import tokenize_prompt
 
+#: The built-in templates' end-of-turn markers (generation stops at the template's own: ``stops.py``).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>")
 
 
 @torch.no_grad()
 def answer(model: nn.Module, tokenizer: Any, prompts: list[list[Message]], max_new_tokens: int) -> list[str]:
-    """``"<last user message> -> <greedy answer>"`` for each prompt; stops at EOS or the end-of-turn token."""
+    """``"<last user message> -> <greedy answer>"`` for each prompt; stops at EOS or the template's end of turn."""
     device = next(model.parameters()).device
-    vocab = tokenizer.get_vocab()
-    stop = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+    stop = stop_token_ids(tokenizer)
     texts = []
     for messages in prompts:
         ids = torch.tensor([tokenize_prompt(tokenizer, messages)], device=device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
@@ -27,6 +28,7 @@ from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.plugins.text.causal_lm.model import block_classes_for
 from modalforge.plugins.text.chat.generate import answer
+from modalforge.plugins.text.chat.stops import set_generation_stops
 from modalforge.plugins.text.dpo import losses
 from modalforge.plugins.text.dpo.divergences import DIVERGENCES, Divergence
 
@@ -345,3 +347,8 @@ class DPOObjective(ModelObjective):
 
     def sample(self, inputs: list[list[dict]]) -> list[str]:
         return answer(self.model, self.datamodule.processor, inputs, self.sample_max_new_tokens)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        # final/: plain ``model.generate`` stops at the template's end of turn (generation_config.eos_token_id)
+        set_generation_stops(self.adapter_target(), getattr(self.datamodule, "processor", None))
+        super().save_pretrained(directory)

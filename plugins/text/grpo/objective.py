@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.plugins.text.causal_lm.model import block_classes_for
-from modalforge.plugins.text.chat.generate import END_OF_TURN
+from modalforge.plugins.text.chat.stops import set_generation_stops, stop_token_ids
 from modalforge.plugins.text.grpo import losses
 from modalforge.plugins.text.grpo.losses import ISLevel, LossType, ScaleRewards
 from modalforge.plugins.text.grpo.rewards import RewardModel, combine, load_rewards, score
@@ -265,9 +266,7 @@ class GRPOObjective(ModelObjective):
 
     # ---- generation -----------------------------------------------------------------
     def _stop_ids(self) -> list[int]:
-        tokenizer = self.datamodule.processor
-        vocab = tokenizer.get_vocab()
-        return [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+        return stop_token_ids(self.datamodule.processor)  # EOS and the template's end-of-turn markers
 
     def _from_rollout_func(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(completion ids, the sampler's log-probs or None) from ``rollout_func``, padded to a tensor."""
@@ -500,6 +499,11 @@ class GRPOObjective(ModelObjective):
             scores = ", ".join(f"{r.name}={per_reward[i, k]:.3g}" for k, r in enumerate(self.rewards))
             out.append(f"{inputs[i]['messages'][-1]['content']} -> {text!r} [{scores}]")
         return out
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        # final/: plain ``model.generate`` stops at the template's end of turn (generation_config.eos_token_id)
+        set_generation_stops(self.adapter_target(), getattr(self.datamodule, "processor", None))
+        super().save_pretrained(directory)
 
     # ---- checkpointed buffer ------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:

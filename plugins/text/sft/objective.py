@@ -9,6 +9,7 @@ so the loss of a packed row is the loss of its examples taken one by one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -20,6 +21,7 @@ from modalforge.losses import token_loss
 from modalforge.plugins.text.causal_lm.model import block_classes_for
 from modalforge.plugins.text.chat.generate import answer
 from modalforge.plugins.text.chat.packing import input_token_count
+from modalforge.plugins.text.chat.stops import set_generation_stops
 from modalforge.plugins.text.chat.tokenize import IGNORE
 
 
@@ -75,3 +77,8 @@ class SFTObjective(ModelObjective):
 
     def sample(self, inputs: list[list[dict]]) -> list[str]:
         return answer(self.model, self.datamodule.processor, inputs, self.sample_max_new_tokens)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        # final/: plain ``model.generate`` stops at the template's end of turn (generation_config.eos_token_id)
+        set_generation_stops(self.adapter_target(), getattr(self.datamodule, "processor", None))
+        super().save_pretrained(directory)
