@@ -54,7 +54,8 @@ def test_every_format_becomes_messages():
 
 def test_unknown_record_names_file_line_and_formats_tried():
     with pytest.raises(DataError, match=r"chats.jsonl, line 5: record fits none of the formats prompt_completion, "
-                                        r"messages, alpaca, sharegpt \(keys present: \['question'\]\)"):
+                                        r"messages, alpaca, sharegpt, dolly, oasst, pretokenized "
+                                        r"\(keys present: \['question'\]\)"):
         to_messages(rec({"question": "Q"}, line=5))
     with pytest.raises(DataError, match="no assistant message"):
         to_messages(rec({"messages": [{"role": "user", "content": "Q"}]}))

@@ -72,12 +72,14 @@ class SourcedDataModule(DataModule):
     decodes_per_item: bool = False
     #: Keyword arguments of ``split_train_val`` (``min_val``, ``max_val``) for the held-out split.
     split_options: dict[str, Any] = {}
+    #: Keys a mixture source may carry besides path/weight/name (``Source.options``; ``source_for`` finds them).
+    source_options: tuple[str, ...] = ()
 
     def __init__(self, train: Any = None, val: Any = None, *, batch_size: int = 8, num_workers: Workers = "auto",
                  val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__()
         self.train_spec, self.val_spec = train, val
-        self.sources: list[Source] = parse_train(train)
+        self.sources: list[Source] = parse_train(train, options=self.source_options)
         self.val_specs: dict[str, Any] = parse_val(val)
         self.batch_size, self.val_fraction = batch_size, val_fraction
         self.num_workers_option: Workers = num_workers
@@ -175,6 +177,10 @@ class SourcedDataModule(DataModule):
                                                  processes=processes)
             log.info("data loader: %s", why)
         return self._workers
+
+    def source_for(self, what: str) -> Source | None:
+        """The training source ``read`` was called for (by its ``what``), for its per-source options."""
+        return next((s for s in self.sources if s.what == what), None)
 
     def first_val_items(self) -> list[Any]:
         return next(iter(self.val_items.values()), [])

@@ -4,7 +4,8 @@
 - a path, glob, brace range, folder, ``hf:`` dataset, or a list of those: one source;
 - a list of mappings ``{path: ..., weight: 3, name: web}`` (strings allowed beside them,
   weight 1): a weighted mixture, each source read and processed on its own and
-  sampled in proportion to its weight.
+  sampled in proportion to its weight. A DataModule may accept options per source
+  (its ``source_options``, such as a column mapping): they ride along in ``Source.options``.
 
 ``data.val`` may be one spec (one set, logged as ``val/...``), or a mapping
 ``{name: spec}`` / a list of ``{name:, path:}``: several sets, each logged as
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from modalforge.errors import ConfigError
@@ -31,6 +32,8 @@ class Source:
     weight: float = 1.0
     name: str = "train"
     what: str = "data.train"
+    #: the DataModule's own per-source options (only the keys it declares in ``source_options``)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _name_of(spec: Any, index: int) -> str:
@@ -39,8 +42,9 @@ def _name_of(spec: Any, index: int) -> str:
     return _NAME.sub("_", stem)[:40] or f"source{index}"
 
 
-def parse_train(spec: Any, key: str = "data.train") -> list[Source]:
-    """The training sources of ``spec`` (empty when ``spec`` is ``None``: the plugin's synthetic default)."""
+def parse_train(spec: Any, key: str = "data.train", options: Sequence[str] = ()) -> list[Source]:
+    """The training sources of ``spec`` (empty when ``spec`` is ``None``: the plugin's synthetic default);
+    ``options``: the per-source keys the DataModule takes besides path, weight and name."""
     if spec is None:
         return []
     if isinstance(spec, Mapping):
@@ -54,15 +58,17 @@ def parse_train(spec: Any, key: str = "data.train") -> list[Source]:
             item = {"path": item}
         if not isinstance(item, Mapping) or "path" not in item:
             raise ConfigError("a mixture source needs a 'path' (and optionally 'weight' and 'name')", where=where)
-        unknown = sorted(set(item) - {"path", "weight", "name"})
+        unknown = sorted(set(item) - {"path", "weight", "name", *options})
         if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} (a source has path, weight, name)", where=where)
+            raise ConfigError(f"unknown key(s) {unknown} (a source has path, weight, name"
+                              + "".join(f", {o}" for o in options) + ")", where=where)
         weight = item.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
             raise ConfigError(f"weight {weight!r} must be a number > 0 (drop the source to leave it out)",
                               where=f"{where}.weight")
         name = str(item.get("name") or _name_of(item["path"], i))
-        sources.append(Source(spec=item["path"], weight=float(weight), name=name, what=f"{where} ({name})"))
+        sources.append(Source(spec=item["path"], weight=float(weight), name=name, what=f"{where} ({name})",
+                              options={k: item[k] for k in options if k in item}))
     names = [s.name for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -4,7 +4,15 @@ Detected per record (or forced with ``data.format=``):
 - ``prompt_completion``: ``{"prompt": ..., "completion": ...}`` (strings or message lists);
 - ``messages``: OpenAI chat, ``{"messages": [{"role", "content", "tool_calls"?, ...}]}``;
 - ``alpaca``: ``{"instruction", "input"?, "output"}``;
-- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}]}``.
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}]}``;
+- ``dolly``: ``{"instruction", "context"?, "response"}`` (databricks-dolly-15k);
+- ``oasst``: OpenAssistant message trees, one message per row (``message_id``, ``parent_id``,
+  ``role``, ``text``, ``rank``) or a whole tree per record (``{"prompt": {..., "replies": [...]}}``),
+  flattened by :mod:`~modalforge.plugins.text.chat.oasst`;
+- ``pretokenized``: ``{"input_ids", "labels"?, "attention_mask"?}``, used as they are by the caller.
+
+A record that fits two formats is an error, not a guess. A message may carry ``train: false``
+or ``weight: 0`` (axolotl's per-message flags): :func:`train_flags` reads them.
 """
 
 from __future__ import annotations
@@ -15,23 +23,70 @@ from typing import Any
 from modalforge.data.errors import DataError
 from modalforge.data.readers import Record
 
-FORMATS = ("prompt_completion", "messages", "alpaca", "sharegpt")
+FORMATS = ("prompt_completion", "messages", "alpaca", "sharegpt", "dolly", "oasst", "pretokenized")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bing": "assistant", "system": "system", "tool": "tool", "function_call": "assistant",
                   "observation": "tool", "function": "tool"}
 Message = dict[str, Any]
+#: Per-message keys that say whether the message is learned; never passed to the template.
+FLAG_KEYS = ("train", "weight")
+
+
+def is_oasst_row(data: dict[str, Any]) -> bool:
+    """One message of an OASST tree (the Hub's row layout)."""
+    return "message_id" in data and "parent_id" in data and "role" in data and ("text" in data or "content" in data)
+
+
+def is_oasst_tree(data: dict[str, Any]) -> bool:
+    """A whole OASST tree in one record (the ``*.trees.jsonl`` export)."""
+    return isinstance(data.get("prompt"), dict) and "replies" in data["prompt"]
+
+
+def formats_of(data: dict[str, Any]) -> list[str]:
+    """Every format whose fields the record has (more than one is ambiguous)."""
+    found = []
+    if isinstance(data.get("messages"), list):
+        found.append("messages")
+    if isinstance(data.get("conversations"), list):
+        found.append("sharegpt")
+    if "instruction" in data and "output" in data:
+        found.append("alpaca")
+    if "instruction" in data and "response" in data:
+        found.append("dolly")
+    if "prompt" in data and "completion" in data:
+        found.append("prompt_completion")
+    if is_oasst_row(data) or is_oasst_tree(data):
+        found.append("oasst")
+    if isinstance(data.get("input_ids"), list):
+        found.append("pretokenized")
+    return found
 
 
 def detect_format(data: dict[str, Any]) -> str | None:
-    if isinstance(data.get("messages"), list):
-        return "messages"
-    if isinstance(data.get("conversations"), list):
-        return "sharegpt"
-    if "instruction" in data and "output" in data:
-        return "alpaca"
-    if "prompt" in data and "completion" in data:
-        return "prompt_completion"
-    return None
+    """The record's format, or ``None`` when it fits none or several (:func:`formats_of` says which)."""
+    found = formats_of(data)
+    return found[0] if len(found) == 1 else None
+
+
+def resolve_format(record: Record, fmt: str | None = None) -> str:
+    """``fmt`` (``data.format``) checked, or the one format the record fits; else one error naming the
+    record and the formats tried (or the formats it fits ambiguously)."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise DataError(f"data.format={fmt!r} is not one of: {', '.join(FORMATS)}", source=record.source,
+                            location=record.location)
+        return fmt
+    found = formats_of(record.data)
+    keys = sorted(k for k in record.data if not k.startswith("__"))
+    if not found:
+        raise DataError(f"record fits none of the formats {', '.join(FORMATS)} (keys present: {keys}); "
+                        "set data.format= to force one, or data.columns= to map its fields",
+                        source=record.source, location=record.location)
+    if len(found) > 1:
+        raise DataError(f"record fits the formats {' and '.join(found)} ambiguously (keys present: {keys})",
+                        source=record.source, location=record.location,
+                        hint=f"set data.format= to one of {', '.join(found)}, or drop the other fields")
+    return found[0]
 
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -133,39 +188,88 @@ def _check(messages: list[Message], record: Record) -> list[Message]:
 
 
 def to_messages(record: Record, fmt: str | None = None) -> list[Message]:
-    """The record as a ``messages`` list, or a ``DataError`` naming file, line and the formats tried."""
+    """The record as a ``messages`` list, or a ``DataError`` naming file, line and the formats tried.
+
+    Messages keep their ``train`` / ``weight`` flags (:func:`train_flags` takes them off)."""
     data = record.data
-    fmt = fmt or detect_format(data)
-    if fmt is None or fmt not in FORMATS:
-        raise DataError(f"record fits none of the formats {', '.join(FORMATS)} (keys present: {sorted(data)}); "
-                        "set data.format= to force one", source=record.source, location=record.location)
+    fmt = resolve_format(record, fmt)
     try:
         if fmt == "messages":
-            messages = [dict(m) for m in data["messages"]]
+            messages = [dict(m) if isinstance(m, dict) else m for m in data["messages"]]
         elif fmt == "prompt_completion":
             messages = as_messages(data["prompt"], "user", record, "prompt") + as_messages(
                 data["completion"], "assistant", record, "completion")
-        elif fmt == "alpaca":
-            for key in ("instruction", "output"):
+        elif fmt in ("alpaca", "dolly"):
+            extra, answer = ("input", "output") if fmt == "alpaca" else ("context", "response")
+            for key in ("instruction", answer):
                 if not isinstance(data[key], str):
                     raise DataError(f"field '{key}' is {type(data[key]).__name__}, expected a string",
                                     source=record.source, location=record.location)
-            prompt = data["instruction"] + (f"\n\n{data['input']}" if data.get("input") else "")
+            if data.get(extra) is not None and not isinstance(data[extra], str):
+                raise DataError(f"field '{extra}' is {type(data[extra]).__name__}, expected a string",
+                                source=record.source, location=record.location)
+            prompt = data["instruction"] + (f"\n\n{data[extra]}" if data.get(extra) else "")
             messages = ([{"role": "system", "content": data["system"]}] if data.get("system") else []) + [
-                {"role": "user", "content": prompt}, {"role": "assistant", "content": data["output"]}]
-        else:
+                {"role": "user", "content": prompt},
+                *as_messages(data[answer], "assistant", record, answer)]
+        elif fmt == "sharegpt":
             messages = []
             for turn in data["conversations"]:
                 role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
                 if role is None:
                     raise DataError(f"sharegpt turn with unknown 'from': {turn.get('from')!r} "
-                                    f"(expected one of {sorted(SHAREGPT_ROLES)})",
+                                    f"(expected one of {sorted(SHAREGPT_ROLES)}; data.roles= maps others)",
                                     source=record.source, location=record.location)
-                messages.append({"role": role, "content": turn.get("value")})
+                messages.append({"role": role, "content": turn.get("value"),
+                                 **{k: turn[k] for k in FLAG_KEYS if k in turn}})
+        elif fmt == "oasst":
+            from modalforge.plugins.text.chat.oasst import tree_paths
+
+            if not is_oasst_tree(data):
+                raise DataError("an OASST message row is one message of a tree: the sft data module joins the "
+                                "rows of a file into conversations", source=record.source, location=record.location)
+            paths = tree_paths(data["prompt"], record, "best")
+            if not paths:
+                raise DataError("this OASST tree has no assistant reply", source=record.source,
+                                location=record.location)
+            messages = paths[0]
+        else:
+            raise DataError("a pre-tokenised record (input_ids) has no messages: it is trained as it is",
+                            source=record.source, location=record.location)
     except KeyError as err:
         raise DataError(f"format {fmt!r} needs field {err.args[0]!r}; keys present: {sorted(data)}",
                         source=record.source, location=record.location) from None
     return _check(messages, record)
+
+
+def train_flags(messages: list[Message], record: Record) -> tuple[list[Message], list[bool]]:
+    """(the messages without their ``train`` / ``weight`` keys, whether each assistant message is learned).
+
+    ``train: false`` or ``weight: 0`` masks an assistant message (it stays in the context);
+    any other weight would be a loss weight, which is not supported, so it is an error, as is
+    asking to learn a message that is not the assistant's."""
+    clean, learn = [], []
+    for i, message in enumerate(messages):
+        flags = {k: message[k] for k in FLAG_KEYS if k in message}
+        keep = True
+        if "train" in flags and flags["train"] is not None:
+            if not isinstance(flags["train"], bool):
+                raise DataError(f"messages[{i}] 'train' is {flags['train']!r}, expected true or false",
+                                source=record.source, location=record.location)
+            keep = flags["train"]
+        if "weight" in flags and flags["weight"] is not None:
+            weight = flags["weight"]
+            if isinstance(weight, bool) or weight not in (0, 1):
+                raise DataError(f"messages[{i}] 'weight' is {weight!r}: only 0 (not learned) or 1 (learned) are "
+                                "supported", source=record.source, location=record.location)
+            keep = keep and weight == 1
+        if message["role"] == "assistant":
+            learn.append(keep)
+        if message["role"] != "assistant" and flags.get("train") is True:
+            raise DataError(f"messages[{i}] ({message['role']}) has train: true; only assistant messages are "
+                            "learned", source=record.source, location=record.location)
+        clean.append({k: v for k, v in message.items() if k not in FLAG_KEYS})
+    return clean, learn
 
 
 def split_prompt(messages: list[Message]) -> tuple[list[Message], list[Message]]:

@@ -96,8 +96,12 @@ def _label_spans(tokenizer: Any, full: str, spans: list[tuple[int, int]], where:
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[Message], *, train_on: str = "assistant",
-                          tools: list[dict[str, Any]] | None = None, where: str | None = None) -> Tokenized:
-    """Token ids (``apply_chat_template`` of the whole conversation) and labels (``-100`` where nothing is learned)."""
+                          tools: list[dict[str, Any]] | None = None, where: str | None = None,
+                          learn: list[bool] | None = None) -> Tokenized:
+    """Token ids (``apply_chat_template`` of the whole conversation) and labels (``-100`` where nothing is learned).
+
+    ``learn``: per assistant message, whether it is learned (all by default; a message-level
+    ``train: false`` masks one, located by its span)."""
     full = render(tokenizer, messages, tools=tools, where=where)
     for message in messages:
         content = message.get("content")
@@ -108,7 +112,7 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], *, train_on: 
         ids = _encode(tokenizer, full)
         return Tokenized(ids, list(ids))
     template = _template_text(tokenizer, tools)
-    if template and _GENERATION.search(template):
+    if template and _GENERATION.search(template) and (learn is None or all(learn)):
         try:
             out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
                                                 return_assistant_tokens_mask=True)
@@ -124,6 +128,8 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], *, train_on: 
         raise DataError(f"{_template_name(tokenizer)}: {err}; refusing rather than training tokens the template "
                         "does not render", source=where,
                         hint="choose a template that renders it, e.g. data.chat_template=chatml") from None
+    if learn is not None:
+        spans = [span for span, keep in zip(spans, learn, strict=True) if keep]
     return _label_spans(tokenizer, full, spans, where)
 
 

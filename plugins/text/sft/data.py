@@ -1,8 +1,11 @@
 """sft data: instruction / chat records -> chat template -> tokens with an assistant-only loss mask.
 
 Records in any supported format (prompt/completion, OpenAI messages with tool calls,
-Alpaca, ShareGPT) become ``messages``, are rendered by the chat template, and only
-assistant tokens are learned (``data.train_on=all`` learns everything). With
+Alpaca, ShareGPT, Dolly, OASST message trees) become ``messages``, after ``data.columns`` /
+``data.roles`` mapped their fields, are rendered by the chat template, and only
+assistant tokens are learned (``data.train_on=all`` learns everything; a message's
+``train: false`` / ``weight: 0`` masks it). Pre-tokenised records (``input_ids``, with
+``labels`` / ``attention_mask`` when given) are used as they are. With
 ``data.packing=true`` short examples share rows without seeing each other; the
 padding share with and without packing is logged either way.
 """
@@ -19,16 +22,20 @@ from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
-from modalforge.data.readers import Record
-from modalforge.plugins.text.chat.formats import Message, fold_system, record_tools, split_prompt, to_messages
+from modalforge.data.readers import Record, read_records
+from modalforge.plugins.text.chat.formats import (Message, check_messages, fold_system, is_oasst_row, record_tools,
+                                                  resolve_format, split_prompt, to_messages, train_flags)
+from modalforge.plugins.text.chat.mapping import check_mapping, map_record, mapping_for
+from modalforge.plugins.text.chat.oasst import join_rows, tree_paths
 from modalforge.plugins.text.chat.packing import collate_rows, pack_first_fit
 from modalforge.plugins.text.chat.synthetic import write_alignment_sets
 from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized, tokenize_conversation
 from modalforge.plugins.text.chat.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
-#: One parsed record: its messages, where it was read (file, line) and its ``tools`` for the template.
-Item = tuple[list[Message], str, list[dict[str, Any]] | None]
+#: One parsed record: its messages (or, pre-tokenised, its tokens), where it was read (file, line), its ``tools``
+#: for the template and, per assistant message, whether it is learned.
+Item = tuple[list[Message] | Tokenized, str, list[dict[str, Any]] | None, list[bool] | None]
 
 
 class Rows(Dataset):
@@ -57,10 +64,18 @@ def padding_share(lengths: list[int], batch_size: int) -> float:
 class SFTDataModule(SourcedDataModule):
     """Supervised fine-tuning data.
 
+    A mixture source may carry its own ``columns`` / ``roles`` (``{path: ..., columns: {...}}``),
+    which replace ``data.columns`` / ``data.roles`` for that source.
+
     Args:
         train / val: sources as every plugin takes them (files, globs, shards, ``hf:``, a weighted
             mixture, named validation sets); ``None`` generates the arithmetic demo set.
-        format: force a record format (``prompt_completion``, ``messages``, ``alpaca``, ``sharegpt``); ``None`` detects.
+        format: force a record format (``prompt_completion``, ``messages``, ``alpaca``, ``sharegpt``, ``dolly``,
+            ``oasst``, ``pretokenized``); ``None`` detects (a record that fits two is an error).
+        columns: the dataset's column for each field a format names (``{prompt: question, completion: answer}``;
+            ``role`` / ``content`` map keys inside messages), applied before the format is detected.
+        roles: role names mapped to ``system``/``user``/``assistant``/``tool`` (``{human: user, gpt: assistant}``).
+        oasst_paths: OASST trees as their ``best``-ranked path (one conversation per tree) or ``all`` paths.
         chat_template: ``auto`` (the tokenizer's own, else chatml), ``tokenizer``, ``chatml``, ``llama3``, or a
             ``.jinja`` file.
         system_prompt: ``keep`` (as the template renders it) or ``fold`` (into the first user turn, for templates
@@ -77,14 +92,16 @@ class SFTDataModule(SourcedDataModule):
     """
 
     def __init__(self, train: Any = None, val: Any = None,
-                 format: Literal["prompt_completion", "messages", "alpaca", "sharegpt"] | None = None,
+                 format: Literal["prompt_completion", "messages", "alpaca", "sharegpt", "dolly", "oasst",
+                                 "pretokenized"] | None = None,
                  chat_template: str = "auto", system_prompt: Literal["keep", "fold"] = "keep",
                  train_on: Literal["assistant", "all"] = "assistant",
                  max_length: int = 256, too_long: Literal["error", "truncate", "drop"] = "error",
                  packing: bool = True, packing_attention: Literal["position_ids", "dense"] = "position_ids",
                  tokenizer: str | None = None, vocab_size: int = 512, batch_size: int = 16,
                  num_workers: Workers = "auto", val_fraction: float = 0.05, cache_dir: str | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, columns: dict[str, str] | None = None, roles: dict[str, str] | None = None,
+                 oasst_paths: Literal["best", "all"] = "best") -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
         if train_on not in ("assistant", "all"):
@@ -96,27 +113,72 @@ class SFTDataModule(SourcedDataModule):
         self.format, self.chat_template, self.train_on, self.max_length = format, chat_template, train_on, max_length
         self.too_long, self.packing, self.packing_attention = too_long, packing, packing_attention
         self.tokenizer_name, self.vocab_size, self.system_prompt = tokenizer, vocab_size, system_prompt
+        if oasst_paths not in ("best", "all"):
+            raise DataError(f"data.oasst_paths={oasst_paths!r} is not one of: best, all")
+        self.columns, self.roles = check_mapping(columns, roles)
+        self.oasst_paths = oasst_paths
         self.stats: dict[str, float] = {}
+
+    source_options = ("columns", "roles")
 
     def synthetic_data(self) -> tuple[str, str]:
         folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "alignment-v1", write_alignment_sets)
         return str(folder / "sft_train.jsonl"), str(folder / "sft_val.jsonl")
 
     def parse(self, record: Record) -> Item:
-        messages = to_messages(record, self.format)
+        return self._parse_mapped(map_record(record, self.columns, self.roles))
+
+    def _parse_mapped(self, record: Record) -> Item:
+        if resolve_format(record, self.format) == "pretokenized":
+            return pretokenized(record), record.where(), None, None
+        return self._item(to_messages(record, self.format), record)
+
+    def _item(self, messages: list[Message], record: Record, check: bool = False) -> Item:
+        messages, learn = train_flags(check_messages(messages, record) if check else messages, record)
         if self.system_prompt == "fold":
             messages = fold_system(messages)
-        return messages, record.where(), record_tools(record)
+        return messages, record.where(), record_tools(record), (None if all(learn) else learn)
+
+    def read(self, spec: Any, what: str) -> list[Item]:
+        """Every conversation of one source: a record each, an OASST tree its path(s), its rows joined first."""
+        items: list[Item] = []
+        rows: list[Record] = []
+        columns, roles = mapping_for(self, what)
+        for record in read_records(spec, what=what):
+            mapped = map_record(record, columns, roles)
+            fmt = resolve_format(mapped, self.format)
+            if fmt == "oasst" and is_oasst_row(mapped.data):
+                rows.append(mapped)
+            elif fmt == "oasst":
+                items += [self._item(p, mapped, check=True)
+                          for p in tree_paths(mapped.data["prompt"], mapped, self.oasst_paths)]
+            else:
+                items.append(self._parse_mapped(mapped))
+        for root, record in join_rows(rows):
+            items += [self._item(p, record, check=True) for p in tree_paths(root, record, self.oasst_paths)]
+        if not items:
+            raise DataError(f"{what}: no conversations in {spec!r}")
+        return items
 
     def fit(self, train_items: list[Item]) -> None:
-        self.processor = build_tokenizer(self.tokenizer_name, self.chat_template, [m for m, *_ in train_items],
+        if self.tokenizer_name is None and any(isinstance(m, Tokenized) for m, *_ in train_items):
+            raise DataError("pre-tokenised records (input_ids) need the tokenizer that made them: set "
+                            "data.tokenizer= (or model.name_or_path=)")
+        self.processor = build_tokenizer(self.tokenizer_name, self.chat_template,
+                                         [m for m, *_ in train_items if not isinstance(m, Tokenized)],
                                          self.vocab_size, self.cache_dir)
 
     def _tokenize(self, conversations: list[Item], what: str) -> list[Tokenized]:
         examples, dropped = [], []
-        for messages, where, tools in conversations:
-            example = tokenize_conversation(self.processor, messages, train_on=self.train_on, tools=tools,
-                                            where=where)
+        for messages, where, tools, learn in conversations:
+            if isinstance(messages, Tokenized):
+                example = messages
+                if max(example.input_ids) >= len(self.processor):
+                    raise DataError(f"input_ids hold token {max(example.input_ids)}, beyond the tokenizer's "
+                                    f"{len(self.processor)} tokens: tokenised with another tokenizer?", source=where)
+            else:
+                example = tokenize_conversation(self.processor, messages, train_on=self.train_on, tools=tools,
+                                                where=where, learn=learn)
             if len(example) > self.max_length:
                 if self.too_long == "error":
                     raise DataError(f"example of {len(example)} tokens is longer than data.max_length="
@@ -160,4 +222,34 @@ class SFTDataModule(SourcedDataModule):
                 "eos_token_id": t.eos_token_id}
 
     def sample_inputs(self, n: int) -> list[list[Message]]:
-        return [split_prompt(m)[0] for m, *_ in self.first_val_items()[:n]]
+        return [split_prompt(m)[0] for m, *_ in self.first_val_items() if not isinstance(m, Tokenized)][:n]
+
+
+def _ints(value: Any, field: str, record: Record) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise DataError(f"field '{field}' must be a list of integers", source=record.source, location=record.location)
+    return value
+
+
+def pretokenized(record: Record) -> Tokenized:
+    """A pre-tokenised record as it is: its ``labels`` (else every token learned), its padding
+    (``attention_mask`` 0 at either end) taken off, as the collator pads again.
+
+    Labels must be the input ids, unshifted, with ``-100`` where nothing is learned (the model
+    shifts them): labels shifted already would silently train each token to predict itself."""
+    data = record.data
+    ids = _ints(data["input_ids"], "input_ids", record)
+    labels = _ints(data["labels"], "labels", record) if data.get("labels") is not None else list(ids)
+    mask = _ints(data["attention_mask"], "attention_mask", record) if data.get("attention_mask") is not None \
+        else [1] * len(ids)
+    if not (len(ids) == len(labels) == len(mask)) or not ids:
+        raise DataError(f"input_ids ({len(ids)}), labels ({len(labels)}) and attention_mask ({len(mask)}) must be "
+                        "non-empty and of one length", source=record.source, location=record.location)
+    if any(label != IGNORE and label != token for token, label in zip(ids, labels)):
+        raise DataError("labels must equal input_ids where learned and -100 elsewhere (unshifted: the model shifts "
+                        "them)", source=record.source, location=record.location)
+    kept = [i for i, m in enumerate(mask) if m]
+    if not kept or kept != list(range(kept[0], kept[-1] + 1)):
+        raise DataError("attention_mask must be 1 on one run of tokens (padding only at the ends)",
+                        source=record.source, location=record.location)
+    return Tokenized(ids[kept[0]: kept[-1] + 1], labels[kept[0]: kept[-1] + 1])
