@@ -13,6 +13,9 @@ Printed: a table per case and rank, and the ratio FSDP2 / DDP of the per-rank
 parameter + gradient + optimizer bytes (target <= 0.55). With ``--repeats N`` the cases
 alternate and tokens/s is the median over repeats.
 
+On CPU, glibc keeps the freed per-block buffers of FSDP2's gathers in its heap, which hides the
+saving in the peak RSS; ``MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/scale.py`` shows it.
+
     python benchmarks/scale.py                    # ~50M parameters, 6 steps of 4 x 128 tokens per rank
     python benchmarks/scale.py --size 100m --steps 4 --cases ddp fsdp
 """
