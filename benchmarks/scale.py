@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 #: hidden, layers, intermediate (heads: hidden / 64); with the ~520-token demo vocabulary.
 SIZES = {"50m": (640, 10, 1792), "100m": (768, 14, 2048)}
 CASES = {
-    "1 process": ["trainer.devices=1"],
+    "single": ["trainer.devices=1"],
     "ddp": ["strategy=ddp", "trainer.devices=2"],
     "fsdp": ["strategy=fsdp", "trainer.devices=2"],
 }
