@@ -25,6 +25,7 @@ from modalforge.callbacks.out_of_memory import OutOfMemoryReport, explain_out_of
 from modalforge.callbacks.data_identity import DataIdentity, check_resume
 from modalforge.callbacks.rng_state import RNGState
 from modalforge.callbacks.step_checkpoint import StepCheckpoint
+from modalforge.callbacks.validation_schedule import ValidationSchedule
 from modalforge.interfaces import Adapter, DataModule, Objective
 from modalforge.module import TrainingModule
 from modalforge.rundir import check_run_dir, mark_finished
@@ -77,6 +78,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
     callbacks.append(NonFiniteGuard(str(module_cfg.get("nonfinite", "stop")), int(module_cfg.get("max_skipped_steps", 10))))
     # Out of memory: the batch in hand for the error line; frees the failed step so the state can be saved.
     callbacks.append(OutOfMemoryReport())
+    # module.validate_on_start: a step-0 baseline; a run that never reached val_check_interval validates at its end.
+    callbacks.append(ValidationSchedule(on_start=bool(module_cfg.get("validate_on_start", False))))
     ckpt = cfg.get("checkpoint", {})
     if enable_checkpointing:
         callbacks.append(StepCheckpoint(
