@@ -72,6 +72,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         # tensor-parallel group.
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
+        # Lightning's launcher starts the other ranks before it sets the thread count (on rank zero
+        # only); ModelParallelStrategy, unlike DDP, never sets it, so each child would take every core.
+        from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
+
+        _set_num_threads_if_needed(num_processes=self.num_processes)
         super().setup_environment()
 
     def _shard_mesh(self):  # noqa: ANN202 - DeviceMesh
