@@ -1,8 +1,11 @@
 """dpo data: preference pairs (prompt / chosen / rejected) or KTO's unpaired labelled completions.
 
 Prompts and completions may be strings or ``messages`` lists; both go through the
-chat template (the same as sft's, so an sft run's output is a valid start). Chosen
-and rejected are collated into one batch so the policy sees them in a single forward.
+chat template (the same as sft's, so an sft run's output is a valid start). Published
+preference formats are read as they are (:mod:`~modalforge.plugins.text.chat.preferences`:
+UltraFeedback's shared turns, HH-RLHF's implicit prompt, SHP, ranked lists), after
+``data.columns`` / ``data.roles`` mapped their fields. Chosen and rejected are collated
+into one batch so the policy sees them in a single forward.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
-from modalforge.data.readers import Record, require_fields
-from modalforge.plugins.text.chat.formats import Message, as_messages, check_messages
+from modalforge.data.readers import Record, read_records, require_fields
+from modalforge.plugins.text.chat.formats import Message, as_messages, check_messages, record_tools
+from modalforge.plugins.text.chat.mapping import check_mapping, map_record, mapping_for
+from modalforge.plugins.text.chat.preferences import RankedPairs, preference_pairs
 from modalforge.plugins.text.chat.synthetic import write_alignment_sets
 from modalforge.plugins.text.chat.tokenize import tokenize_completion, tokenize_prompt
 from modalforge.plugins.text.chat.tokenizer import build_tokenizer
@@ -104,10 +109,18 @@ def collate_kto(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
 class DPODataModule(SourcedDataModule):
     """Preference data for the dpo plugin.
 
+    A mixture source may carry its own ``columns`` / ``roles`` (``{path: ..., columns: {...}}``),
+    which replace ``data.columns`` / ``data.roles`` for that source.
+
     Args:
         train / val: sources as every plugin takes them (files, ``hf:``, a weighted mixture, named
             validation sets); ``None`` generates the arithmetic demo pairs.
-        kind: ``pairs`` (prompt/chosen/rejected) or ``kto`` (prompt/completion/label).
+        kind: ``pairs`` (prompt/chosen/rejected, SHP, ranked lists...) or ``kto`` (prompt/completion/label).
+        columns: the dataset's column for each field a format names (``{prompt: question, chosen: good}``),
+            applied before the format is detected.
+        roles: role names mapped to ``system``/``user``/``assistant`` (``{human: user, gpt: assistant}``).
+        ranked_pairs: a ranked record (``responses`` + ``scores``/``ranks``) as its ``best_worst`` pair or
+            ``all`` ordered pairs (ties skipped).
         chat_template: as sft's: ``auto``, ``tokenizer``, ``chatml``, ``llama3``.
         max_length: prompt + completion tokens.
         too_long: a longer example is an ``error`` naming file and line (default), is ``truncate``d, or is
@@ -123,7 +136,8 @@ class DPODataModule(SourcedDataModule):
                  too_long: Literal["error", "truncate", "drop"] = "error",
                  truncation_mode: Literal["keep_start", "keep_end"] = "keep_start", tokenizer: str | None = None,
                  vocab_size: int = 512, batch_size: int = 16, num_workers: Workers = "auto", val_fraction: float = 0.05,
-                 cache_dir: str | None = None, seed: int = 0) -> None:
+                 cache_dir: str | None = None, seed: int = 0, columns: dict[str, str] | None = None,
+                 roles: dict[str, str] | None = None, ranked_pairs: RankedPairs = "best_worst") -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
         if kind not in ("pairs", "kto"):
@@ -131,7 +145,13 @@ class DPODataModule(SourcedDataModule):
         self.kind, self.chat_template, self.max_length = kind, chat_template, max_length
         self.too_long, self.truncation_mode = too_long, truncation_mode
         self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
+        if ranked_pairs not in ("best_worst", "all"):
+            raise DataError(f"data.ranked_pairs={ranked_pairs!r} is not one of: best_worst, all")
+        self.columns, self.roles = check_mapping(columns, roles)
+        self.ranked_pairs: RankedPairs = ranked_pairs
         self._reference: dict[str, Preferences] = {}
+
+    source_options = ("columns", "roles")
 
     def synthetic_data(self) -> tuple[str, str]:
         folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "alignment-v1", write_alignment_sets)
@@ -139,15 +159,31 @@ class DPODataModule(SourcedDataModule):
         return str(folder / f"{prefix}_train.jsonl"), str(folder / f"{prefix}_val.jsonl")
 
     def parse(self, record: Record) -> dict[str, Any]:
+        """The record's (first) pair, or its KTO example; :meth:`read` keeps every pair of a ranked record."""
+        return self._parse_all(record)[0]
+
+    def read(self, spec: Any, what: str) -> list[dict[str, Any]]:
+        mapping = mapping_for(self, what)
+        items = [item for record in read_records(spec, what=what) for item in self._parse_all(record, *mapping)]
+        if not items:
+            raise DataError(f"{what}: no records in {spec!r}")
+        return items
+
+    def _parse_all(self, record: Record, columns: dict[str, str] | None = None,
+                   roles: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        record = map_record(record, self.columns if columns is None else columns,
+                            self.roles if roles is None else roles)
         if self.kind == "pairs":
-            require_fields(record, {"prompt": (str, list), "chosen": (str, list), "rejected": (str, list)})
-            return {"prompt": _messages(record, "prompt", "user"),
-                    "chosen": _messages(record, "chosen", "assistant"),
-                    "rejected": _messages(record, "rejected", "assistant"), "where": record.where()}
+            tools = record_tools(record)
+            return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": record.where(),
+                     "tools": tools} for prompt, chosen, rejected in preference_pairs(record, self.ranked_pairs)]
+        return [self._kto(record)]
+
+    def _kto(self, record: Record) -> dict[str, Any]:
         require_fields(record, {"prompt": (str, list), "completion": (str, list), "label": (bool, int)})
         return {"prompt": _messages(record, "prompt", "user"),
                 "completion": _messages(record, "completion", "assistant"),
-                "label": bool(record.data["label"]), "where": record.where()}
+                "label": bool(record.data["label"]), "where": record.where(), "tools": record_tools(record)}
 
     def fit(self, train_items: list[dict[str, Any]]) -> None:
         keys = ("chosen", "rejected") if self.kind == "pairs" else ("completion",)
@@ -164,9 +200,11 @@ class DPODataModule(SourcedDataModule):
         items, dropped = [], []
         keys = ("chosen", "rejected") if self.kind == "pairs" else ("completion",)
         for position, row in enumerate(rows):
-            prompt = tokenize_prompt(self.processor, row["prompt"])
+            tools, where = row.get("tools"), row["where"]
+            prompt = tokenize_prompt(self.processor, row["prompt"], tools=tools, where=where)
             item: dict[str, Any] = {"prompt": prompt, "uid": row.get("uid", position)}
-            completions = {key: tokenize_completion(self.processor, row["prompt"], row[key]) for key in keys}
+            completions = {key: tokenize_completion(self.processor, row["prompt"], row[key], tools=tools, where=where)
+                           for key in keys}
             longest = max(len(c) for c in completions.values())
             if len(prompt) + longest > self.max_length:
                 if self.too_long == "error":

@@ -1,4 +1,7 @@
-"""reward_model data: the same preference pairs as dpo (prompt / chosen / rejected)."""
+"""reward_model data: the same preference pairs as dpo (prompt / chosen / rejected, SHP, ranked lists...).
+
+A ranked record (k responses with scores or ranks) gives every ordered pair by default, as a
+reward model learns the whole ranking (dpo takes the best/worst pair)."""
 
 from __future__ import annotations
 
@@ -12,4 +15,5 @@ class RewardModelDataModule(DPODataModule):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs["kind"] = "pairs"
+        kwargs.setdefault("ranked_pairs", "all")
         super().__init__(**kwargs)
