@@ -5,10 +5,11 @@ through the head weight ``[vocab, hidden]`` (fp32): ``dense`` builds the full lo
 ``F.cross_entropy`` (what a model's own loss does); ``chunked`` is
 :func:`modalforge.losses.chunked_cross_entropy` (gradients fused into the forward); ``chunked
 logprobs`` is :func:`modalforge.losses.chunked_token_logprobs` summed (the per-token path dpo/grpo
-would use, recomputing each chunk in backward). Each case runs in a fresh subprocess; on CPU the
-peak is the growth of ``VmHWM`` (peak RSS) over the RSS once inputs and gradient buffers exist,
-on a GPU ``torch.cuda.max_memory_allocated`` over the same baseline. Time: median of the repeats
-after one warm-up step.
+would use, recomputing each chunk in backward). Memory: each case in a fresh subprocess, one step;
+on CPU the peak is the growth of ``VmHWM`` (peak RSS) over the RSS once inputs and gradient buffers
+exist, on a GPU ``torch.cuda.max_memory_allocated`` over the same baseline. Time: one more process
+runs the cases in turn, ``--repeats`` rounds after a warm-up round, and reports each case's median
+step and the median of its per-round ratio to dense (paired, so a busy machine skews both alike).
 
     python benchmarks/chunked_loss.py                     # vocab 128k, hidden 512, 2 x 1024 tokens
     python benchmarks/chunked_loss.py --vocab 32000 --repeats 5
@@ -40,7 +41,8 @@ def child(case: str, args: argparse.Namespace) -> dict:
 
     from modalforge.losses import chunked_cross_entropy, chunked_token_logprobs, default_chunk_size
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
     g = torch.Generator(device).manual_seed(0)
@@ -49,8 +51,7 @@ def child(case: str, args: argparse.Namespace) -> dict:
     labels = torch.randint(0, args.vocab, (args.batch, args.tokens), device=device, generator=g)
     chunk = args.chunk_size or default_chunk_size(args.vocab)
 
-    def step() -> float:
-        hidden.grad = weight.grad = None
+    def step(case: str = case) -> float:
         if case == "dense":
             logits = F.linear(hidden, weight).float()
             loss = F.cross_entropy(logits.view(-1, args.vocab), labels.view(-1))
@@ -69,19 +70,30 @@ def child(case: str, args: argparse.Namespace) -> dict:
         base = torch.cuda.memory_allocated() / 2**20
     else:
         base = _rss("VmRSS")
-    loss = step()
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss("VmHWM")) - base
-    times = []
-    for _ in range(args.repeats):
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    if case != "timing":
+        loss = step()
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss("VmHWM")) - base
+        return {"case": case, "loss": loss, "peak_mib": peak, "chunk": chunk, "device": device_name}
+
+    def timed(name: str) -> float:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        step(name)
         if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"case": case, "loss": loss, "peak_mib": peak, "step_s": statistics.median(times), "chunk": chunk,
-            "device": torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"}
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name in args.cases}
+    for round_ in range(args.repeats + 1):
+        for name in args.cases:
+            t = timed(name)
+            if round_:  # the first round warms up
+                times[name].append(t)
+    return {name: {"step_s": statistics.median(ts),
+                   "ratio": statistics.median(t / d for t, d in zip(ts, times.get("dense", ts)))}
+            for name, ts in times.items()}
 
 
 def main() -> None:
@@ -95,19 +107,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*CASES, "timing"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
     passed = [f"--vocab={args.vocab}", f"--hidden={args.hidden}", f"--batch={args.batch}", f"--tokens={args.tokens}",
               f"--repeats={args.repeats}", f"--threads={args.threads}", *(["--cpu"] if args.cpu else []),
-              *([f"--chunk-size={args.chunk_size}"] if args.chunk_size else [])]
-    rows = []
-    for case in args.cases:
+              *([f"--chunk-size={args.chunk_size}"] if args.chunk_size else []), "--cases", *args.cases]
+
+    def run(case: str) -> dict:
         out = subprocess.run([sys.executable, __file__, *passed, "--child", case], capture_output=True, text=True,
                              check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    rows = [run(case) for case in args.cases]
+    timing = run("timing")
+    for r in rows:
+        r.update(timing[r["case"]])
     print(f"vocab {args.vocab}, hidden {args.hidden}, {args.batch} x {args.tokens} tokens, fp32, {rows[0]['device']}; "
           f"chunk {rows[0]['chunk']} rows; full fp32 logits: {args.batch * args.tokens * args.vocab * 4 / 2**20:.0f} MiB")
     dense = next((r for r in rows if r["case"] == "dense"), rows[0])
@@ -115,7 +132,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['loss']:.6f} | {r['peak_mib']:.0f} MiB | {r['step_s'] * 1000:.0f} ms | "
-              f"{r['peak_mib'] / dense['peak_mib']:.3f} | {r['step_s'] / dense['step_s']:.3f} |")
+              f"{r['peak_mib'] / dense['peak_mib']:.3f} | {r['ratio']:.3f} |")
 
 
 if __name__ == "__main__":
