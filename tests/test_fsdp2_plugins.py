@@ -2,7 +2,8 @@
 
 sft gets the whole check (every step's loss equal to one process with the same global
 batch, exact resume, 2 -> 1 resume); dpo the loss equality; causal_lm the same under DDP;
-the rest train two sharded steps, trainable parameters moving and frozen ones not (their
+the rest train two sharded steps and validate once with a sample, trainable parameters moving and
+frozen ones not (their
 per-rank noise, masking and sampling make equality with one process meaningless).
 """
 
@@ -49,5 +50,6 @@ def test_causal_lm_under_ddp_equals_one_process(tmp_path):
 @pytest.mark.parametrize("name", sorted(SHARDED_ONLY))
 def test_every_plugin_trains_under_fsdp2_on_two_processes(name, tmp_path):
     overrides, batch_size = SHARDED_ONLY[name]
+    """Two sharded steps, then one validation with a sample (no rank may wait alone at a collective)."""
     assert_plugin_conforms_sharded(name, tmp_path, overrides, steps=2, batch_size=batch_size,
-                                   equal_to_single=False, resume=False)
+                                   equal_to_single=False, resume=False, samples=True)

@@ -109,9 +109,11 @@ def _compare_losses(got: dict[int, float], want: dict[int, float], tolerance: fl
 def assert_plugin_conforms_sharded(name: str, tmp_path: str | Path, overrides: Sequence[str] = (), *,
                                    strategy: str = "fsdp", devices: int = 2, batch_size: int | None = 2, steps: int = 4,
                                    equal_to_single: bool = True, tolerance: float = 1e-4, resume: bool = True,
-                                   timeout: int = 600) -> ShardedReport:
+                                   samples: bool = False, timeout: int = 600) -> ShardedReport:
     """Train plugin ``name`` on ``devices`` CPU processes under ``strategy`` and check it against one process.
 
+    ``samples=True`` validates the sharded run once at its end, with one sample: every rank must take
+    part in the collectives of validation, sampling and image logging, or the run hangs.
     ``batch_size`` is ``data.batch_size`` per rank (``None``: the plugin's own, for plugins whose
     batch size lives elsewhere); ``equal_to_single=False`` for plugins that draw per-rank randomness.
     """
@@ -119,6 +121,10 @@ def assert_plugin_conforms_sharded(name: str, tmp_path: str | Path, overrides: S
     base = [f"plugin={name}", *SHARDED_FAST_OVERRIDES, *overrides]
     per_rank = [] if batch_size is None else [f"data.batch_size={batch_size}"]
     sharded = [*base, f"strategy={strategy}", "strategy.timeout=300", f"trainer.devices={devices}", *per_rank]
+    if samples:  # one validation at the end (the run is shorter than val_check_interval), one sample
+        drop = ("trainer.limit_val_batches=", "module.num_samples=", "trainer.val_check_interval=")
+        sharded = [o for o in sharded if not o.startswith(drop)] + ["trainer.limit_val_batches=1",
+                                                                  "module.num_samples=1"]
     single = [*base, "trainer.devices=1", *([] if batch_size is None else [f"data.batch_size={batch_size * devices}"])]
     if batch_size is None and equal_to_single:
         raise ValueError("equal_to_single needs batch_size: the one-process run takes devices x batch_size")

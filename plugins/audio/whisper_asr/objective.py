@@ -67,11 +67,18 @@ class WhisperASRObjective(ModelObjective):
         dm = self.datamodule
         prompt = dm.prompt_ids(language or dm.language)
         end = dm.end_id()
-        encoded = self.model.get_encoder()(features)
         tokens = torch.tensor([prompt] * len(features), device=features.device)
         done = torch.zeros(len(features), dtype=torch.bool, device=features.device)
+        encoded = None
         for _ in range(self.max_new_tokens):
-            logits = self.model(encoder_outputs=encoded, decoder_input_ids=tokens, use_cache=False).logits[:, -1]
+            if encoded is None:
+                # The first step through the model's own forward, which also encodes: under strategy=fsdp
+                # the encoder alone is no sharded unit, and calling it directly would skip the gather.
+                out = self.model(input_features=features, decoder_input_ids=tokens, use_cache=False)
+                encoded = (out.encoder_last_hidden_state,)
+            else:
+                out = self.model(encoder_outputs=encoded, decoder_input_ids=tokens, use_cache=False)
+            logits = out.logits[:, -1]
             step = logits.argmax(-1).masked_fill(done, end)
             tokens = torch.cat([tokens, step[:, None]], dim=1)
             done |= step == end

@@ -65,6 +65,21 @@ class EMAWeights(nn.Module):
         params = list(params)
         self._match_sharding(params)
         self._sync()
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in params):
+            # strategy=fsdp: diffusers' foreach copies have no DTensor rule; shard by shard instead
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for param, shadow in zip(params, self.ema.shadow_params):
+                    param.copy_(shadow)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for param, old in zip(params, saved):
+                        param.copy_(old)
+            return
         self.ema.store(params)
         self.ema.copy_to(params)
         try:
