@@ -127,7 +127,15 @@ def train_tower(folder: Path, *, vision: dict[str, Any], image_size: int, steps:
             optimizer.zero_grad(set_to_none=True)
         tower.eval()
         accuracy = _accuracy(tower, heads, image_size, seed)
-    tower.save_pretrained(str(folder))
+    # Whichever rank builds the cache writes it: transformers' save_pretrained writes nothing on a rank
+    # other than zero once torch.distributed is initialised (a first multi-process run), which left a
+    # cached folder without weights.
+    tower.save_pretrained(str(folder), is_main_process=True)
+    if not (folder / "config.json").exists() or not any(folder.glob("*.safetensors")):
+        from safetensors.torch import save_model
+
+        tower.config.save_pretrained(str(folder))
+        save_model(tower, str(folder / "model.safetensors"), metadata={"format": "pt"})
     seconds = time.perf_counter() - start
     (folder / "warmstart.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach()),
                                                        "accuracy": accuracy, "seconds": seconds}))

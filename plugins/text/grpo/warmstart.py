@@ -93,7 +93,15 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-    model.save_pretrained(str(folder))
+    # Whichever rank builds the cache writes it: transformers' save_pretrained writes nothing on a rank
+    # other than zero once torch.distributed is initialised (a first multi-process run), which left a
+    # cached folder without weights.
+    model.save_pretrained(str(folder), is_main_process=True)
+    if not (folder / "config.json").exists() or not any(folder.glob("*.safetensors")):
+        from safetensors.torch import save_model
+
+        model.config.save_pretrained(str(folder))
+        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(folder))
     seconds = time.perf_counter() - start
     (folder / "warmstart.json").write_text(json.dumps({"steps": steps, "label_noise": label_noise,
