@@ -32,4 +32,6 @@ def test_offline_default_raises_val_reward(tmp_path, plugin, steps):
     before = start_reward(overrides)  # builds (grpo) or reuses (ppo) the cached warm start
     run(compose(overrides), tmp_path)
     after = series(tmp_path, "val/reward")
-    assert before < 0.3 and after[max(after)] > before + 0.3, (before, after)
+    # The warm start is deliberately weak (label noise) so that RL has room: about 0.31 since the SFT trains
+    # exactly the template's tokens (3a59935), 0.2-0.3 before; what the demo promises is the rise of 0.3.
+    assert before < 0.4 and after[max(after)] > before + 0.3, (before, after)
