@@ -20,6 +20,7 @@ from modalforge.callbacks.export import ExportOnTrainEnd
 from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoint
 from modalforge.errors import RunDirError
 from modalforge.callbacks.interrupt import CheckpointOnInterrupt
+from modalforge.callbacks.sigterm import SynchronizedSigterm
 from modalforge.callbacks.nonfinite import NonFiniteGuard
 from modalforge.callbacks.out_of_memory import OutOfMemoryReport, explain_out_of_memory
 from modalforge.callbacks.data_identity import DataIdentity, check_resume
@@ -80,6 +81,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
     callbacks.append(OutOfMemoryReport())
     # module.validate_on_start: a step-0 baseline; a run that never reached val_check_interval validates at its end.
     callbacks.append(ValidationSchedule(on_start=bool(module_cfg.get("validate_on_start", False))))
+    # SIGTERM (a preempted job): all ranks stop at the same batch, so the collectives after it pair up.
+    callbacks.append(SynchronizedSigterm())
     ckpt = cfg.get("checkpoint", {})
     if enable_checkpointing:
         callbacks.append(StepCheckpoint(

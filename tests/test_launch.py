@@ -299,3 +299,19 @@ def test_sigterm_to_the_launcher_checkpoints_both_ranks_and_resume_continues(tmp
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == step + 2
     assert {step, step + 1} <= set(series(run_dir, "train/loss"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_child_rank_stops_both_ranks_at_the_same_step(tmp_path):
+    """A signal that reaches one rank alone: that rank may not stop by itself (the others would wait in a collective)."""
+    run_dir = tmp_path / "run"
+    proc = _start_two(run_dir)
+    (child,) = _child_pids(proc.pid, 1)
+    _wait_for_steps(run_dir, proc, 2)
+    os.kill(child, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    saved = torch.load(run_dir / "checkpoints" / "last-interrupted.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] >= 2 and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] \
+        == saved["global_step"]  # stopped at a batch end, whole
