@@ -3,9 +3,11 @@
 One step is the loss's forward and backward from last hidden states ``[batch, tokens, hidden]``
 through the head weight ``[vocab, hidden]`` (fp32): ``dense`` builds the full logits and calls
 ``F.cross_entropy`` (what a model's own loss does); ``chunked`` is
-:func:`modalforge.losses.chunked_cross_entropy` (gradients fused into the forward); ``chunked
-logprobs`` is :func:`modalforge.losses.chunked_token_logprobs` summed (the per-token path dpo/grpo
-would use, recomputing each chunk in backward). Memory: each case in a fresh subprocess, one step;
+:func:`modalforge.losses.chunked_cross_entropy` (gradients fused into the forward); ``dense
+logprobs`` is ``log_softmax(logits).gather`` of the targets (what dpo and grpo computed before
+``module.loss_impl`` reached them, and still do with ``dense``), and ``chunked logprobs`` is
+:func:`modalforge.losses.chunked_token_logprobs` (their path under ``auto`` from a 32k vocabulary,
+recomputing each chunk in backward); both are averaged, so their loss equals the CE's. Memory: each case in a fresh subprocess, one step;
 on CPU the peak is the growth of ``VmHWM`` (peak RSS) over the RSS once inputs and gradient buffers
 exist, on a GPU ``torch.cuda.max_memory_allocated`` over the same baseline. Time: one more process
 runs the cases in turn, ``--repeats`` rounds after a warm-up round, and reports each case's median
@@ -25,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-CASES = ("dense", "chunked", "chunked logprobs")
+CASES = ("dense", "chunked", "dense logprobs", "chunked logprobs")
 
 
 def _rss(field: str) -> float:
@@ -57,6 +59,9 @@ def child(case: str, args: argparse.Namespace) -> dict:
             loss = F.cross_entropy(logits.view(-1, args.vocab), labels.view(-1))
         elif case == "chunked":
             loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk)
+        elif case == "dense logprobs":
+            logps = torch.log_softmax(F.linear(hidden, weight).float(), -1).gather(-1, labels[..., None])
+            loss = -logps.mean()
         else:
             loss = -chunked_token_logprobs(hidden, weight, labels, chunk_size=chunk).mean()
         loss.backward()

@@ -38,7 +38,7 @@ def policy_dir(root: Path) -> Path:
         return folder
     import torch
 
-    from modalforge.plugins.text.causal_lm.model import build_causal_lm
+    from modalforge.text.models import build_causal_lm
     from modalforge.plugins.text.grpo.data import arithmetic_tokenizer
 
     tokenizer = arithmetic_tokenizer(os.environ.get("MODALFORGE_CACHE"))

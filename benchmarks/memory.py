@@ -79,7 +79,7 @@ def run_case(case: str, folder: str, batch: int, seq: int) -> dict:
     baseline = peak_mib()
     start = time.perf_counter()
     with pretrained_loading(adapter, "32-true"):
-        model = build_model({"_target_": "modalforge.plugins.text.causal_lm.model.build_causal_lm",
+        model = build_model({"_target_": "modalforge.text.models.build_causal_lm",
                              "name_or_path": folder})
     model = adapter.apply(model, "all-linear")
     if flag == "gc":

@@ -87,8 +87,8 @@ def long_context_batches(length: int, steps: int, rows: int, seed: int = 0) -> l
     """Packed batches of random-length examples (1/16 to 1/2 of the context) through the sft collator."""
     import torch
 
-    from modalforge.plugins.text.chat.packing import pack_first_fit
-    from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized
+    from modalforge.text.packing import pack_first_fit
+    from modalforge.text.tokenize import IGNORE, Tokenized
 
     g = torch.Generator().manual_seed(seed)
     examples = []
@@ -104,8 +104,8 @@ def run_path(path: str, length: int, steps: int, rows: int) -> dict:
     """One path in this process: first-batch loss, real tokens/s, mask bytes per row, peak memory."""
     import torch
 
-    from modalforge.plugins.text.causal_lm.model import build_causal_lm
-    from modalforge.plugins.text.chat.packing import collate_rows, input_token_count
+    from modalforge.text.models import build_causal_lm
+    from modalforge.text.packing import collate_rows, input_token_count
 
     implementation, attention = PATHS[path]
     device = "cuda" if torch.cuda.is_available() else "cpu"

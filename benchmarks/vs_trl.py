@@ -58,8 +58,8 @@ def prepare(root: Path, size: str, records: int = 2000) -> Path:
 
     import torch
 
-    from modalforge.plugins.text.causal_lm.model import build_causal_lm
-    from modalforge.plugins.text.chat.synthetic import question, wrong
+    from modalforge.text.models import build_causal_lm
+    from modalforge.text.synthetic import question, wrong
     from modalforge.plugins.text.sft.data import SFTDataModule
 
     folder = root / f"model-{size}"

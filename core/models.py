@@ -22,7 +22,7 @@ def build_model(model_cfg: Mapping[str, Any], hints: Mapping[str, Any] | None = 
     target = cfg.pop("_target_", None)
     if not target:
         raise ModalforgeError("model._target_ is not set: name the builder function, e.g. "
-                              "model._target_=modalforge.plugins.text.causal_lm.model.build_causal_lm")
+                              "model._target_=modalforge.text.models.build_causal_lm")
     builder: Callable[..., Any] = get_object(target)
     params = inspect.signature(builder).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -16,9 +16,9 @@ import torch
 
 from modalforge.config import compose
 from modalforge.data.tokenizers import train_bpe
-from modalforge.plugins.text.chat.generate import answer
-from modalforge.plugins.text.chat.stops import end_of_turn_tokens, set_generation_stops, stop_token_ids
-from modalforge.plugins.text.chat.templates import SPECIAL_TOKENS, TEMPLATES
+from modalforge.text.generate import answer
+from modalforge.text.stops import end_of_turn_tokens, set_generation_stops, stop_token_ids
+from modalforge.text.templates import SPECIAL_TOKENS, TEMPLATES
 from modalforge.run import run
 
 from cli_helpers import FAST

@@ -20,8 +20,8 @@ from modalforge.data.errors import DataError
 from modalforge.data.readers import Record
 from modalforge.data.tokenizers import train_bpe
 from modalforge.errors import format_user_error
-from modalforge.plugins.text.chat.formats import check_messages
-from modalforge.plugins.text.chat.tokenize import IGNORE, tokenize_conversation
+from modalforge.text.formats import check_messages
+from modalforge.text.tokenize import IGNORE, tokenize_conversation
 from modalforge.plugins.text.sft.data import SFTDataModule
 
 TEMPLATES = Path(__file__).parent / "chat_templates"

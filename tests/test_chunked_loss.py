@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modalforge.errors import ConfigError
-from modalforge.losses import chunked_cross_entropy, chunked_token_logprobs, resolve_loss_impl, token_loss
+from modalforge.losses import (chunked_cross_entropy, chunked_token_logprobs, resolve_loss_impl, token_logprobs,
+                               token_loss)
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 V, H = 97, 16
@@ -213,8 +214,43 @@ def test_gpu_kernels_name_their_package(impl, package):
         resolve_loss_impl("fused", _tiny_lm())
 
 
+@pytest.mark.parametrize("keep,temperature", [(None, 1.0), (4, 0.7)])
+def test_token_logprobs_chunked_equals_the_models_logits(keep, temperature):
+    """What dpo (all positions) and grpo (the completion's last ``keep``, at a temperature) sum."""
+    model = _tiny_lm(final_logit_softcapping=None)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, V, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding, as prompts are batched for generation
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    got = {}
+    for impl in ("dense", "chunked"):
+        model.zero_grad()
+        logps, entropy = token_logprobs(model, ids, keep=keep, impl=impl, temperature=temperature, entropy=True,
+                                        attention_mask=mask, position_ids=positions)
+        (logps.sum() + 0.1 * entropy.sum()).backward()
+        got[impl] = (logps.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()])
+    n = ids.shape[1] - 1 if keep is None else keep
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -n - 1:-1].float()
+    by_hand = torch.log_softmax(logits / temperature, -1).gather(-1, ids[:, -n:, None]).squeeze(-1)
+    assert got["dense"][0].shape == (3, n)
+    torch.testing.assert_close(got["dense"][0], by_hand.detach(), **TOL)
+    for dense, chunked in zip(got["dense"][:2], got["chunked"][:2]):
+        torch.testing.assert_close(chunked, dense, **TOL)
+    for dense, chunked in zip(got["dense"][2], got["chunked"][2]):
+        torch.testing.assert_close(chunked, dense, **TOL)
+
+
+def test_token_logprobs_metric_entropy_keeps_no_graph():
+    model = _tiny_lm()
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(3))
+    for impl in ("dense", "chunked"):
+        _, entropy = token_logprobs(model, ids, impl=impl, entropy=True, entropy_grad=False)
+        assert not entropy.requires_grad, impl
+
+
 # ---- in the plugins: the same training step with module.loss_impl=chunked and dense --------------
-@pytest.mark.parametrize("plugin", ["sft", "causal_lm"])
+@pytest.mark.parametrize("plugin", ["sft", "causal_lm", "dpo"])
 def test_plugin_step_chunked_equals_dense(plugin):
     from modalforge.config import compose
     from modalforge.run import build_components, build_module

@@ -152,7 +152,8 @@ def test_after_sft_experiment_points_at_the_sft_output():
 
 
 def test_too_long_pairs_truncate_as_trl_or_drop(tmp_path):
-    from modalforge.plugins.text.dpo.data import DPODataModule, truncate_pair
+    from modalforge.plugins.text.dpo.data import DPODataModule
+    from modalforge.text.preference_data import truncate_pair
 
     prompt, pair = [1, 2, 3, 4], {"chosen": [5, 6, 7], "rejected": [8, 9]}
     start = truncate_pair(prompt, pair, 5, "keep_start")

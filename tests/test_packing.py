@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modalforge.plugins.text.chat.packing import collate_rows, input_token_count
-from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized
+from modalforge.text.packing import collate_rows, input_token_count
+from modalforge.text.tokenize import IGNORE, Tokenized
 
 
 def _summed_loss(model, batch, **kwargs):

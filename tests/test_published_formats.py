@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from modalforge.data.errors import DataError
-from modalforge.plugins.text.chat.tokenize import IGNORE
+from modalforge.text.tokenize import IGNORE
 from modalforge.plugins.text.dpo.data import DPODataModule
 from modalforge.plugins.text.reward_model.data import RewardModelDataModule
 from modalforge.plugins.text.sft.data import SFTDataModule

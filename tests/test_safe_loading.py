@@ -116,7 +116,7 @@ def test_model_and_tokenizer_loading_pass_trust_remote_code_false(monkeypatch):
     import transformers
 
     from modalforge.data.tokenizers import load_tokenizer
-    from modalforge.plugins.text.causal_lm.model import build_causal_lm
+    from modalforge.text.models import build_causal_lm
 
     seen: list[dict] = []
 

@@ -10,9 +10,9 @@ import torch
 from modalforge.config import compose
 from modalforge.data.errors import DataError
 from modalforge.data.readers import Record
-from modalforge.plugins.text.chat.formats import to_messages
-from modalforge.plugins.text.chat.packing import collate_rows, pack_first_fit
-from modalforge.plugins.text.chat.tokenize import IGNORE, tokenize_conversation
+from modalforge.text.formats import to_messages
+from modalforge.text.packing import collate_rows, pack_first_fit
+from modalforge.text.tokenize import IGNORE, tokenize_conversation
 from modalforge.plugins.text.sft.data import SFTDataModule
 from modalforge.plugins.text.sft.objective import token_loss_and_accuracy
 from modalforge.run import run

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from modalforge.callbacks.throughput import ThroughputLogger
-from modalforge.plugins.text.chat.packing import collate_rows, input_token_count
-from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized
+from modalforge.text.packing import collate_rows, input_token_count
+from modalforge.text.tokenize import IGNORE, Tokenized
 
 
 def _examples():

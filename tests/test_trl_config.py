@@ -241,7 +241,7 @@ def test_snapshot_matches_installed_trl():
 
 def _pairs_dataset(folder: Path) -> None:
     """A local dataset folder `datasets.load_dataset` reads offline: train.jsonl = the train split."""
-    from modalforge.plugins.text.chat.synthetic import write_alignment_sets
+    from modalforge.text.synthetic import write_alignment_sets
 
     source = folder.parent / "synthetic"
     source.mkdir()

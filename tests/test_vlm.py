@@ -17,7 +17,7 @@ from modalforge.data.readers import Record
 from modalforge.errors import ModalforgeError
 from modalforge.plugins.multimodal.vlm.data import VLMDataModule, load_image
 from modalforge.plugins.multimodal.vlm.formats import normalise_answer, parse_record
-from modalforge.plugins.text.chat.tokenize import IGNORE
+from modalforge.text.tokenize import IGNORE
 from modalforge.run import build_components, build_module, run
 from modalforge.testing import assert_plugin_conforms, check_config_binds
 

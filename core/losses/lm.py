@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from modalforge.errors import ConfigError
-from modalforge.losses.chunked import chunked_cross_entropy
+from modalforge.losses.chunked import chunked_cross_entropy, chunked_token_logprobs
 
 __all__ = ["AUTO_MIN_VOCAB", "LOSS_IMPLS", "LMHead", "TokenLoss", "lm_head", "resolve_loss_impl", "token_loss"]
 
@@ -147,3 +147,37 @@ def token_loss(model: nn.Module, labels: torch.Tensor, *, impl: str = "auto", ac
                                                   softcap=head.softcap, return_predictions=True)
         return TokenLoss(loss, count, (predictions[mask] == targets[mask]).float().mean() if accuracy else None)
     return TokenLoss(_fused_loss(name, head, hidden, targets), count, None)
+
+
+def token_logprobs(model: nn.Module, input_ids: torch.Tensor, *, keep: int | None = None, impl: str = "auto",
+                   temperature: float = 1.0, entropy: bool = False, entropy_grad: bool = True,
+                   **inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log p(input_ids[:, t] | input_ids[:, :t])`` for the last ``keep`` positions (all but the first by
+    default), fp32 ``[batch, keep]``, and with ``entropy`` each of those rows' entropy.
+
+    What DPO, GRPO and PPO sum over completions. ``dense`` takes the model's logits (only the
+    ``keep + 1`` last, ``logits_to_keep``); ``chunked`` applies the LM head per chunk of rows
+    (:func:`~modalforge.losses.chunked_token_logprobs`) and never holds ``[batch, keep, vocab]``
+    logits, which at a 128k vocabulary are most of the step's memory. ``auto`` picks chunked from
+    a 32k vocabulary where the model allows it (see :func:`resolve_loss_impl`); fused GPU kernels
+    (liger, cce) give only a loss, so they mean chunked here. ``entropy_grad=False``: the entropy
+    is a metric only, and keeps no ``[batch, keep, vocab]`` tensors for the backward pass.
+    """
+    keep = input_ids.shape[1] - 1 if keep is None else keep
+    name, head = resolve_loss_impl(impl, model)
+    targets = input_ids[:, -keep:]
+    if name == "dense":
+        extra = {"logits_to_keep": keep + 1} if keep + 1 < input_ids.shape[1] else {}
+        logits = model(input_ids=input_ids, **inputs, **extra, use_cache=False).logits[:, -keep - 1:-1].float()
+        log_probs = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
+        logps = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+        if not entropy:
+            return logps, None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            return logps, -(log_probs.exp() * log_probs).sum(-1)
+    hidden = head.body(input_ids=input_ids, **inputs, use_cache=False)[0][:, -keep - 1:-1]
+    out = chunked_token_logprobs(hidden, head.weight, targets, bias=head.bias, temperature=temperature,
+                                 softcap=head.softcap, return_entropy=entropy)
+    if not entropy:
+        return out, None
+    return out[0], (out[1] if entropy_grad else out[1].detach())

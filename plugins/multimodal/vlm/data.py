@@ -30,11 +30,11 @@ from modalforge.data.readers import Record
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.plugins.multimodal.vlm.formats import Sample, final_answer, parse_record
 from modalforge.plugins.multimodal.vlm.synthetic import write_vlm_sets
-from modalforge.plugins.text.chat.formats import Message
-from modalforge.plugins.text.chat.packing import collate_rows, pack_first_fit
-from modalforge.plugins.text.chat.templates import TEMPLATES
-from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized, tokenize_conversation, tokenize_prompt
-from modalforge.plugins.text.chat.tokenizer import build_tokenizer
+from modalforge.text.formats import Message
+from modalforge.text.packing import collate_rows, pack_first_fit
+from modalforge.text.templates import TEMPLATES
+from modalforge.text.tokenize import IGNORE, Tokenized, tokenize_conversation, tokenize_prompt
+from modalforge.text.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 from modalforge.data.errors import DataError
 from modalforge.data.images import IMAGE_KEYS, ImageRef, resolve_image_path
 from modalforge.data.readers import Record
-from modalforge.plugins.text.chat.formats import Message, to_messages
+from modalforge.text.formats import Message, to_messages
 
 FORMATS = ("messages", "llava", "document", "caption")
 CAPTION_KEYS = ("caption", "text", "txt")

@@ -220,7 +220,7 @@ def build_vlm(name_or_path: str | None = None, vision_tower: str | None = None, 
     if language_model:
         lm = load_language_model(language_model, vocab_size, torch_dtype)
     else:
-        from modalforge.plugins.text.causal_lm.model import build_causal_lm
+        from modalforge.text.models import build_causal_lm
 
         lm = build_causal_lm(config=dict(text or {}), vocab_size=vocab_size, pad_token_id=pad_token_id,
                              bos_token_id=bos_token_id, eos_token_id=eos_token_id)

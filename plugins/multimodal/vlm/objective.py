@@ -25,7 +25,7 @@ from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.losses import token_loss
 from modalforge.plugins.multimodal.vlm.formats import normalise_answer
-from modalforge.plugins.text.chat.generate import END_OF_TURN
+from modalforge.text.generate import END_OF_TURN
 
 
 def _llava(model: nn.Module) -> nn.Module:

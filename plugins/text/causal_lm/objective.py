@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.losses import resolve_loss_impl, token_loss
-from modalforge.plugins.text.causal_lm.model import block_classes_for
+from modalforge.text.models import block_classes_for
 
 
 class CausalLMObjective(ModelObjective):

@@ -26,9 +26,10 @@ from torchmetrics import MeanMetric
 from modalforge.data.cache import cache_root, write_atomic
 from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
-from modalforge.plugins.text.causal_lm.model import block_classes_for
-from modalforge.plugins.text.chat.generate import answer
-from modalforge.plugins.text.chat.stops import set_generation_stops
+from modalforge.losses import token_logprobs
+from modalforge.text.models import block_classes_for
+from modalforge.text.generate import answer
+from modalforge.text.stops import set_generation_stops
 from modalforge.plugins.text.dpo import losses
 from modalforge.plugins.text.dpo.divergences import DIVERGENCES, Divergence
 
@@ -40,21 +41,28 @@ LossName = Literal["sigmoid", "cdpo", "robust", "ipo", "hinge", "exo_pair", "nca
 Reference = Literal["auto", "copy", "adapter", "precomputed", "none"]
 
 
-def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], with_sum_sq: bool = False
+def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], with_sum_sq: bool = False, impl: str = "dense"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token log-probabilities of each sequence's next tokens, zero outside the completion; the
-    (shifted) completion mask; and, for WPO, ``log sum_v p(v)^2`` per token."""
+    (shifted) completion mask; and, for WPO, ``log sum_v p(v)^2`` per token.
+
+    ``impl`` is ``module.loss_impl``: chunked never holds the ``[2B, T, vocab]`` logits. WPO's
+    weights need the whole distribution, so ``with_sum_sq`` is always dense."""
+    mask = batch["completion_mask"][:, 1:]
+    if not with_sum_sq:
+        logp, _ = token_logprobs(model, batch["input_ids"], impl=impl, attention_mask=batch["attention_mask"])
+        return logp * mask, mask, None
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logp_all = torch.log_softmax(logits[:, :-1].float(), -1)
-    mask = batch["completion_mask"][:, 1:]
     logp = logp_all.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * mask
-    sum_sq = torch.logsumexp(2 * logp_all.detach(), -1) * mask if with_sum_sq else None
+    sum_sq = torch.logsumexp(2 * logp_all.detach(), -1) * mask
     return logp, mask, sum_sq
 
 
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], impl: str = "dense"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each sequence's completion tokens, and their count."""
-    logp, mask, _ = token_logps(model, batch)
+    logp, mask, _ = token_logps(model, batch, impl=impl)
     return logp.sum(-1), mask.sum(-1).clamp(min=1)
 
 
@@ -240,10 +248,10 @@ class DPOObjective(ModelObjective):
             return torch.zeros(batch["input_ids"].size(0), device=batch["input_ids"].device)
         if self.reference_mode in ("copy", "adapter"):
             if self.reference_mode == "copy":
-                tokens, mask, _ = token_logps(self.reference, batch)
+                tokens, mask, _ = token_logps(self.reference, batch, impl=self.loss_impl)
             else:
                 with self.model.disable_adapter():
-                    tokens, mask, _ = token_logps(self.model, batch)
+                    tokens, mask, _ = token_logps(self.model, batch, impl=self.loss_impl)
             return losses.length_desensitised(tokens, mask.to(tokens.dtype), ld_alpha)
         split = "train" if self.model.training else "val"
         table = self._precomputed()[split].to(batch["index"].device)
@@ -274,7 +282,7 @@ class DPOObjective(ModelObjective):
                 for start in range(0, len(dataset), dm.batch_size):
                     items = [dataset[i] for i in range(start, min(start + dm.batch_size, len(dataset)))]
                     batch = {k: v.to(device) for k, v in dm._collate(items).items()}
-                    tokens, mask, _ = token_logps(self.model, batch)
+                    tokens, mask, _ = token_logps(self.model, batch, impl=self.loss_impl)
                     logps = losses.length_desensitised(tokens, mask.to(tokens.dtype), self.ld_alpha).cpu()
                     rows.append(torch.stack(logps.chunk(2), dim=1))
                 table[split] = torch.cat(rows)
@@ -285,7 +293,7 @@ class DPOObjective(ModelObjective):
 
     # ---- losses -------------------------------------------------------------------
     def _paired(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        tokens, mask, sum_sq = token_logps(self.model, batch, with_sum_sq=self.use_weighting)
+        tokens, mask, sum_sq = token_logps(self.model, batch, with_sum_sq=self.use_weighting, impl=self.loss_impl)
         rc, rr = self._reference_logps(batch, self.ld_alpha).chunk(2)
         loss, terms, pc, pr = losses.paired_loss(self.loss_names, self.loss_weights, tokens, mask, rc, rr,
                                                  ld_alpha=self.ld_alpha, log_sum_sq=sum_sq, **self.options)
@@ -304,7 +312,7 @@ class DPOObjective(ModelObjective):
         return loss, metrics, correct
 
     def _kto(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        logps, _ = sequence_logps(self.model, batch)
+        logps, _ = sequence_logps(self.model, batch, impl=self.loss_impl)
         reference = self._reference_logps(batch)
         policy, kl_policy = logps.chunk(2)
         ref, kl_ref = reference.chunk(2)

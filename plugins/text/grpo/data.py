@@ -23,10 +23,10 @@ from modalforge.data.loader import ResumableDataLoader, ResumableSampler
 from modalforge.data.readers import Record, read_records
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
-from modalforge.plugins.text.chat.formats import Message
-from modalforge.plugins.text.chat.synthetic import OPS
-from modalforge.plugins.text.chat.tokenize import tokenize_prompt
-from modalforge.plugins.text.chat.tokenizer import build_tokenizer
+from modalforge.text.formats import Message
+from modalforge.text.synthetic import OPS
+from modalforge.text.tokenize import tokenize_prompt
+from modalforge.text.tokenizer import build_tokenizer
 
 SYSTEM = "Answer with a number."
 #: operands of the demo's questions are 0..MAX_OPERAND: 75 distinct facts (3 operations), few enough that a

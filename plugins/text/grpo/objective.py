@@ -26,8 +26,9 @@ from torch import nn
 
 from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
-from modalforge.plugins.text.causal_lm.model import block_classes_for
-from modalforge.plugins.text.chat.stops import set_generation_stops, stop_token_ids
+from modalforge.losses import token_logprobs
+from modalforge.text.models import block_classes_for
+from modalforge.text.stops import set_generation_stops, stop_token_ids
 from modalforge.plugins.text.grpo import losses
 from modalforge.plugins.text.grpo.losses import ISLevel, LossType, ScaleRewards
 from modalforge.plugins.text.grpo.rewards import RewardModel, combine, load_rewards, score
@@ -238,16 +239,11 @@ class GRPOObjective(ModelObjective):
         ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
         mask = torch.cat([r.prompt_mask, r.attention_mask], 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        length = r.completion_ids.shape[1]
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=length + 1).logits[:, -length - 1:-1].float() / self.temperature
-        log_probs = torch.log_softmax(logits, -1)
-        logps = log_probs.gather(-1, r.completion_ids[..., None]).squeeze(-1)
-        ent = None
-        if entropy:  # outside the graph when it is only a metric (no bonus): no (N, T, V) tensors kept for backward
-            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.entropy_coef)):
-                ent = -(log_probs.exp() * log_probs).sum(-1)
-        return logps, ent
+        # module.loss_impl: chunked never holds the (N, T, vocab) logits; the entropy stays outside the
+        # graph when it is only a metric (no bonus)
+        return token_logprobs(model, ids, keep=r.completion_ids.shape[1], impl=self.loss_impl,
+                              temperature=self.temperature, entropy=entropy, entropy_grad=bool(self.entropy_coef),
+                              attention_mask=mask, position_ids=positions)
 
     @torch.no_grad()
     def _frozen_logps(self, r: Rollout, reference: bool) -> torch.Tensor:

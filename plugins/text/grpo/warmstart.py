@@ -30,7 +30,7 @@ import torch
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.torch_modes import plain_torch
-from modalforge.plugins.text.chat.tokenize import IGNORE, tokenize_conversation
+from modalforge.text.tokenize import IGNORE, tokenize_conversation
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
                             vocab_size: int, cache_dir: str | None, seed: int, label_noise: float = 0.0) -> None:
     """SFT a tiny model on the demo conversations (a ``label_noise`` share answered off by one) and
     ``save_pretrained`` it (and its tokenizer, built on the clean conversations) to ``folder``."""
-    from modalforge.plugins.text.causal_lm.model import build_causal_lm
+    from modalforge.text.models import build_causal_lm
     from modalforge.plugins.text.grpo.data import arithmetic_conversations, arithmetic_tokenizer
 
     start = time.perf_counter()

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from modalforge.plugins.text.dpo.data import DPODataModule
+from modalforge.text.preference_data import PreferenceDataModule
 
 
-class RewardModelDataModule(DPODataModule):
-    """Preference pairs, chosen then rejected in one batch; see ``DPODataModule`` for the arguments."""
+class RewardModelDataModule(PreferenceDataModule):
+    """Preference pairs, chosen then rejected in one batch; see ``PreferenceDataModule`` for the arguments."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs["kind"] = "pairs"

@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from modalforge.interfaces import ModelObjective, StepOutput
-from modalforge.plugins.text.causal_lm.model import block_classes_for
+from modalforge.text.models import block_classes_for
 
 
 def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

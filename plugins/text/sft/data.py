@@ -23,14 +23,14 @@ from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
 from modalforge.data.readers import Record, read_records
-from modalforge.plugins.text.chat.formats import (Message, check_messages, fold_system, is_oasst_row, record_tools,
+from modalforge.text.formats import (Message, check_messages, fold_system, is_oasst_row, record_tools,
                                                   resolve_format, split_prompt, to_messages, train_flags)
-from modalforge.plugins.text.chat.mapping import check_mapping, map_record, mapping_for
-from modalforge.plugins.text.chat.oasst import join_rows, tree_paths
-from modalforge.plugins.text.chat.packing import collate_rows, pack_first_fit
-from modalforge.plugins.text.chat.synthetic import write_alignment_sets
-from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized, tokenize_conversation
-from modalforge.plugins.text.chat.tokenizer import build_tokenizer
+from modalforge.text.mapping import check_mapping, map_record, mapping_for
+from modalforge.text.oasst import join_rows, tree_paths
+from modalforge.text.packing import collate_rows, pack_first_fit
+from modalforge.text.synthetic import write_alignment_sets
+from modalforge.text.tokenize import IGNORE, Tokenized, tokenize_conversation
+from modalforge.text.tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 #: One parsed record: its messages (or, pre-tokenised, its tokens), where it was read (file, line), its ``tools``

@@ -18,11 +18,11 @@ from torchmetrics import MeanMetric
 
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.losses import token_loss
-from modalforge.plugins.text.causal_lm.model import block_classes_for
-from modalforge.plugins.text.chat.generate import answer
-from modalforge.plugins.text.chat.packing import input_token_count
-from modalforge.plugins.text.chat.stops import set_generation_stops
-from modalforge.plugins.text.chat.tokenize import IGNORE
+from modalforge.text.models import block_classes_for
+from modalforge.text.generate import answer
+from modalforge.text.packing import input_token_count
+from modalforge.text.stops import set_generation_stops
+from modalforge.text.tokenize import IGNORE
 
 
 def token_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -54,7 +54,10 @@ def load_clip_run(path: str | Path, what: str) -> tuple[nn.Module, dict[str, Any
     folder = _folder(path, what)
     saved = json.loads((folder / CLIP_CONFIG).read_text())
     kwargs = {k: v for k, v in (saved.get("kwargs") or {}).items() if k not in ("_target_", "pretrained")}
-    builder = get_object(str(saved.get("builder") or "modalforge.plugins.vision.clip.model.build_clip"))
+    if not saved.get("builder"):  # the clip plugin names the builder that made the model; nothing is guessed
+        raise ModalforgeError(f"{folder / CLIP_CONFIG} names no builder (not written by `train plugin=clip`?)",
+                              where=what)
+    builder = get_object(str(saved["builder"]))
     model = builder(**kwargs)
     try:
         load_model(model, str(folder / CLIP_WEIGHTS))

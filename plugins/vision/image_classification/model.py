@@ -168,7 +168,10 @@ def load_clip_tower(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any
     saved = _read_json(folder / CLIP_CONFIG, "model.path")
     kwargs = dict(saved.get("kwargs") or {})
     kwargs.pop("pretrained", None)  # the clip run's own weights replace them below; never reach a hub for them
-    builder = get_object(str(saved.get("builder") or "modalforge.plugins.vision.clip.model.build_clip"))
+    if not saved.get("builder"):  # the clip plugin names the builder that made the model; nothing is guessed
+        raise ModalforgeError(f"{folder / CLIP_CONFIG} names no builder (not written by `train plugin=clip`?)",
+                              where="model.path")
+    builder = get_object(str(saved["builder"]))
     visual = builder(**{k: v for k, v in kwargs.items() if k != "_target_"}).visual
     state = load_file(str(folder / CLIP_WEIGHTS))
     tower_state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}

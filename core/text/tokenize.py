@@ -3,7 +3,7 @@
 The input ids are exactly ``tokenizer.apply_chat_template(messages, tools=tools)``: the
 whole conversation is rendered once and tokenised once. The mask comes from the
 template's ``{% generation %}`` blocks where it has them, else from
-:func:`~modalforge.plugins.text.chat.spans.assistant_spans`, which locates every
+:func:`~modalforge.text.spans.assistant_spans`, which locates every
 assistant message in that one rendering with sentinel renderings and checks the
 result. Assistant turns are learned from the end of the generation prompt to their
 end-of-turn marker (the header ``<|im_start|>assistant`` is prompt; the newline after
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from modalforge.data.errors import DataError
-from modalforge.plugins.text.chat.formats import Message
-from modalforge.plugins.text.chat.spans import END_MARKERS, SpanError, added_tokens, assistant_spans
+from modalforge.text.formats import Message
+from modalforge.text.spans import END_MARKERS, SpanError, added_tokens, assistant_spans
 
 IGNORE = -100
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")

@@ -8,7 +8,7 @@ Detected per record (or forced with ``data.format=``):
 - ``dolly``: ``{"instruction", "context"?, "response"}`` (databricks-dolly-15k);
 - ``oasst``: OpenAssistant message trees, one message per row (``message_id``, ``parent_id``,
   ``role``, ``text``, ``rank``) or a whole tree per record (``{"prompt": {..., "replies": [...]}}``),
-  flattened by :mod:`~modalforge.plugins.text.chat.oasst`;
+  flattened by :mod:`~modalforge.text.oasst`;
 - ``pretokenized``: ``{"input_ids", "labels"?, "attention_mask"?}``, used as they are by the caller.
 
 A record that fits two formats is an error, not a guess. A message may carry ``train: false``
@@ -157,7 +157,7 @@ def text_of_parts(parts: list[Any], record: Record, field: str) -> str:
         if kind != "text" or not isinstance(part.get("text"), str):
             raise DataError(f"{field} content part {j} is of type {kind!r}; this text-only plugin takes only "
                             "'text' parts", source=record.source, location=record.location,
-                            hint="images belong to plugin=vlm; drop the non-text parts for a text model")
+                            hint="images need a vision-language plugin; drop the non-text parts for a text model")
         texts.append(part["text"])
     return "".join(texts)
 
@@ -223,11 +223,11 @@ def to_messages(record: Record, fmt: str | None = None) -> list[Message]:
                 messages.append({"role": role, "content": turn.get("value"),
                                  **{k: turn[k] for k in FLAG_KEYS if k in turn}})
         elif fmt == "oasst":
-            from modalforge.plugins.text.chat.oasst import tree_paths
+            from modalforge.text.oasst import tree_paths
 
             if not is_oasst_tree(data):
-                raise DataError("an OASST message row is one message of a tree: the sft data module joins the "
-                                "rows of a file into conversations", source=record.source, location=record.location)
+                raise DataError("an OASST message row is one message of a tree: a conversation data module joins the "
+                                "rows of a file into conversations (join_rows)", source=record.source, location=record.location)
             paths = tree_paths(data["prompt"], record, "best")
             if not paths:
                 raise DataError("this OASST tree has no assistant reply", source=record.source,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
-from modalforge.plugins.text.chat.formats import Message
-from modalforge.plugins.text.chat.templates import SPECIAL_TOKENS, apply_template
+from modalforge.text.formats import Message
+from modalforge.text.templates import SPECIAL_TOKENS, apply_template
 
 
 def conversation_texts(conversations: list[list[Message]]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from modalforge.data.errors import DataError
 from modalforge.data.readers import Record
-from modalforge.plugins.text.chat.formats import Message
+from modalforge.text.formats import Message
 
 Paths = Literal["best", "all"]
 ROLES = {"prompter": "user", "user": "user", "assistant": "assistant", "system": "system"}

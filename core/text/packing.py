@@ -16,7 +16,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from modalforge.plugins.text.chat.tokenize import IGNORE, Tokenized
+from modalforge.text.tokenize import IGNORE, Tokenized
 
 
 def pack_first_fit(examples: Sequence[Tokenized], max_length: int) -> list[list[Tokenized]]:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from modalforge.data.errors import DataError
 from modalforge.data.readers import Record, require_fields
-from modalforge.plugins.text.chat.formats import Message, as_messages, check_messages
+from modalforge.text.formats import Message, as_messages, check_messages
 
 PREFERENCE_FORMATS = ("pairs", "shp", "ranked")
 _SIGNATURES = {"pairs": ("chosen", "rejected"), "shp": ("human_ref_A", "human_ref_B"), "ranked": ("responses",)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modalforge.plugins.text.chat.spans import END_MARKERS, S1, added_tokens
+from modalforge.text.spans import END_MARKERS, S1, added_tokens
 
 _cache: dict[tuple, list[int]] = {}
 

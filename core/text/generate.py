@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from modalforge.plugins.text.chat.formats import Message
-from modalforge.plugins.text.chat.stops import stop_token_ids
-from modalforge.plugins.text.chat.tokenize import tokenize_prompt
+from modalforge.text.formats import Message
+from modalforge.text.stops import stop_token_ids
+from modalforge.text.tokenize import tokenize_prompt
 
 #: The built-in templates' end-of-turn markers (generation stops at the template's own: ``stops.py``).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from modalforge.plugins.text.chat.formats import Message
+from modalforge.text.formats import Message
 
 #: ASCII (survives JSON and HTML escaping), no whitespace (survives ``trim``), distinct first and last characters
 S1, S2 = "Qmfsentinel1x", "Zmfsentinel2y"
