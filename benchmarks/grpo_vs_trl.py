@@ -39,7 +39,7 @@ def policy_dir(root: Path) -> Path:
     import torch
 
     from modalforge.text.models import build_causal_lm
-    from modalforge.plugins.text.grpo.data import arithmetic_tokenizer
+    from modalforge.rl.prompts import arithmetic_tokenizer
 
     tokenizer = arithmetic_tokenizer(os.environ.get("MODALFORGE_CACHE"))
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def policy_dir(root: Path) -> Path:
 
 
 def prompts() -> list[dict]:
-    from modalforge.plugins.text.grpo.data import synthetic_folder
+    from modalforge.rl.prompts import synthetic_folder
 
     path = synthetic_folder(os.environ.get("MODALFORGE_CACHE")) / "prompts_train.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -77,7 +77,7 @@ def run_trl(folder: Path, steps: int, checkpointing: bool) -> float:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOTrainer
 
-    from modalforge.plugins.text.grpo.rewards import digits
+    from modalforge.rl.rewards import digits
 
     class Timer(TrainerCallback):
         start = end = None
@@ -128,7 +128,7 @@ def parity(folder: Path) -> float:
         from datasets import Dataset
         from trl import GRPOTrainer
 
-        from modalforge.plugins.text.grpo.rewards import digits
+        from modalforge.rl.rewards import digits
 
         rows = [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in prompts()[:64]]
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -19,8 +19,9 @@ PLUGINS = sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
                  ["modalforge.plugins"])
 #: A name as a whole word: ``model=dpo/pretrained`` and ``[clip,causal_lm]`` count, ``gradient_clip_val`` does not.
 WORD = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(map(re.escape, PLUGINS)) + r")(?![A-Za-z0-9_])")
-#: Plain English in core messages that happens to spell a plugin's name.
-PROSE = ("to clip",)
+#: Plain English in core messages that happens to spell a plugin's name, and the reward spec scheme
+#: ``reward_model:/path`` (any HF sequence classifier, :mod:`modalforge.rl.rewards`), not a branch on the plugin.
+PROSE = ("to clip", "reward_model:")
 
 #: issue 21: still to invert (each names plugins in code today). Remove a file once it is clean;
 #: the test fails both when a file not listed starts naming plugins and when a listed one is clean.

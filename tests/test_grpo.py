@@ -14,7 +14,7 @@ import torch
 from modalforge.config import compose
 from modalforge.errors import ModalforgeError
 from modalforge.plugins.text.grpo import losses
-from modalforge.plugins.text.grpo.rewards import combine, exact_match, load_rewards, score
+from modalforge.rl.rewards import combine, exact_match, load_rewards, score
 from modalforge.run import run
 from modalforge.testing import assert_plugin_conforms
 

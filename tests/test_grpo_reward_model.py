@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from modalforge.config import compose
-from modalforge.plugins.text.grpo.data import arithmetic_tokenizer
-from modalforge.plugins.text.grpo.rewards import RewardModel, load_rewards
+from modalforge.rl.prompts import arithmetic_tokenizer
+from modalforge.rl.rewards import RewardModel, load_rewards
 from modalforge.run import run
 
 from cli_helpers import FAST, series

@@ -7,6 +7,6 @@ plugin = Plugin(
     modality="text",
     description="RLHF PPO: policy + value head, GAE, per-token KL to the reference, reward functions or a reward model",
     conf_package="modalforge.plugins.text.ppo.conf",
-    datamodule="modalforge.plugins.text.grpo.data.GRPODataModule",
+    datamodule="modalforge.plugins.text.ppo.data.PPODataModule",
     objective="modalforge.plugins.text.ppo.objective.PPOObjective",
 )

@@ -1,8 +1,8 @@
 """ppo objective: policy + scalar value head on its trunk, GAE, per-token KL penalty, clipped losses.
 
-It is the grpo objective with another way from rewards to advantages: the same prompts,
-generation, rewards (functions or ``reward_model:/path``), reference modes, rollout buffer,
-checkpointed position and exact resume; the rollout additionally holds the value head's
+It stands on the core's online-RL loop (:class:`modalforge.rl.RolloutObjective`), as grpo
+does: the same prompts, generation, rewards (functions or ``reward_model:/path``), reference
+modes, rollout buffer, checkpointed position and exact resume; the rollout additionally holds the value head's
 estimates and the GAE returns. Each rollout is optimised for ``num_ppo_epochs`` passes of
 ``num_mini_batches`` minibatches, one minibatch per training step (automatic optimisation).
 The value head is a ``Linear(hidden, 1)`` on the policy's last hidden state (no second model
@@ -17,26 +17,27 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import nn
 
-from modalforge.plugins.text.grpo.objective import GRPOObjective, Rollout
+from modalforge.rl.objective import RolloutObjective
+from modalforge.rl.rollout import Rollout
 from modalforge.plugins.text.ppo import losses
 
 
-class PPOObjective(GRPOObjective):
+class PPOObjective(RolloutObjective):
     """PPO for causal LMs (TRL's ``PPOTrainer`` names).
 
     Args:
         model: the ``model`` config (default: the cached SFT'd arithmetic policy).
-        rewards / reward_weights: as grpo's (functions, files, ``reward_model:/path``).
+        rewards / reward_weights: functions, files, ``reward_model:/path`` (:mod:`modalforge.rl.rewards`).
         num_generations: completions per prompt (1 is usual for PPO).
         kl_coef: per-token KL penalty in the reward (k1: log pi_old - log ref); 0 builds no reference.
-        reference: ``auto``, ``copy``, ``adapter``, ``none`` (as grpo).
+        reference: ``auto``, ``copy``, ``adapter``, ``none`` (:class:`modalforge.rl.RolloutObjective`).
         cliprange / cliprange_value: policy ratio and value clip ranges.
         vf_coef: weight of the value loss.
         gamma / lam: GAE discount and lambda.
         whiten_rewards: whiten the per-token rewards before GAE (advantages are always whitened).
         missing_eos_penalty: subtracted from the score of completions with no stop token.
         num_ppo_epochs / num_mini_batches: passes over each rollout, minibatches (optimiser steps) per pass.
-        max_completion_length / temperature / top_p / top_k / generation_batch_size: sampling, as grpo.
+        max_completion_length / temperature / top_p / top_k / generation_batch_size: sampling.
         seed: seeds each rollout's sampling.
     """
 
@@ -50,7 +51,7 @@ class PPOObjective(GRPOObjective):
                  num_mini_batches: int = 1, max_completion_length: int = 6, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, generation_batch_size: int | None = None, seed: int = 0) -> None:
         super().__init__(model, rewards=rewards, reward_weights=reward_weights, num_generations=num_generations,
-                         beta=kl_coef, reference=reference, epsilon=cliprange, num_iterations=num_ppo_epochs,
+                         beta=kl_coef, reference=reference, num_iterations=num_ppo_epochs,
                          steps_per_generation=num_mini_batches, max_completion_length=max_completion_length,
                          temperature=temperature, top_p=top_p, top_k=top_k,
                          generation_batch_size=generation_batch_size, seed=seed)

@@ -4,7 +4,7 @@ RL can only improve what a policy already does sometimes: a random tiny model ne
 answers "What is 3 plus 4?" with "7", so every reward would be 0 and every advantage too.
 This builder trains one (a plain supervised loop on the demo conversations, answer tokens
 only), saves it with its tokenizer under the modalforge cache
-(``grpo/arithmetic-policy-<settings hash>``) and loads it from there on later runs.
+(``rl/arithmetic-policy-<settings hash>``) and loads it from there on later runs.
 
 The demonstrations are imperfect on purpose: a share ``label_noise`` of the SFT answers is
 off by one (answer + 1), a systematic error such as a policy distilled from a weaker teacher
@@ -67,7 +67,7 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
     """SFT a tiny model on the demo conversations (a ``label_noise`` share answered off by one) and
     ``save_pretrained`` it (and its tokenizer, built on the clean conversations) to ``folder``."""
     from modalforge.text.models import build_causal_lm
-    from modalforge.plugins.text.grpo.data import arithmetic_conversations, arithmetic_tokenizer
+    from modalforge.rl.prompts import arithmetic_conversations, arithmetic_tokenizer
 
     start = time.perf_counter()
     tokenizer = arithmetic_tokenizer(cache_dir, vocab_size)
@@ -106,7 +106,7 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
     seconds = time.perf_counter() - start
     (folder / "warmstart.json").write_text(json.dumps({"steps": steps, "label_noise": label_noise,
                                                        "final_loss": float(loss), "seconds": seconds}))
-    log.warning("grpo: built the arithmetic policy by SFT in %.0f s (%d steps, final loss %.3f); cached in %s",
+    log.warning("built the arithmetic policy by SFT in %.0f s (%d steps, final loss %.3f); cached in %s",
                 seconds, steps, float(loss), folder.parent)
 
 
@@ -117,7 +117,7 @@ def arithmetic_policy_dir(config: dict[str, Any], steps: int = 300, lr: float = 
     settings = json.dumps({"config": config, "steps": steps, "lr": lr, "batch_size": batch_size,
                            "vocab_size": vocab_size, "seed": seed, "label_noise": label_noise, "v": 2}, sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:16]
-    folder = cache_root(cache_dir) / "grpo" / f"arithmetic-policy-{digest}"
+    folder = cache_root(cache_dir) / "rl" / f"arithmetic-policy-{digest}"
     if folder.exists():
         return folder
     with plain_torch():

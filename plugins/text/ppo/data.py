@@ -1,0 +1,9 @@
+"""ppo data: the core's prompt data (:class:`modalforge.rl.prompts.PromptDataModule`) under ppo's name."""
+
+from __future__ import annotations
+
+from modalforge.rl.prompts import PromptDataModule
+
+
+class PPODataModule(PromptDataModule):
+    """Prompts plus the fields the rewards read; see :class:`modalforge.rl.prompts.PromptDataModule`."""
