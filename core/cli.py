@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from modalforge import registry
+from modalforge.overrides import override_key
 
 USAGE = """usage: train plugin=<name> [key=value ...]      (Hydra overrides; `train plugin=<name> --cfg job` prints the config)
 
@@ -138,7 +139,7 @@ def _precheck(argv: list[str]) -> list[str]:
         if agreed is not None:
             extra.append(f"run_dir={launch.override_value(agreed)}")
             cfg.run_dir = agreed
-    if any(o.split("=", 1)[0].lstrip("+~") in ("hydra.run.dir", "hydra.output_subdir") for o in overrides):
+    if any(override_key(o) in ("hydra.run.dir", "hydra.output_subdir") for o in overrides):
         return extra
     try:
         run_dir = Path(str(cfg.run_dir))
@@ -172,7 +173,7 @@ def _composition_error(err: BaseException, overrides: list[str]) -> BaseExceptio
         current = current.__cause__ or current.__context__
     text = " ".join(messages)
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key = override_key(override)
         if f"'{key}'" in text or f"full_key: {key}" in str(err.__cause__ or ""):
             parent, _, leaf = key.rpartition(".")
             valid = _valid_keys(parent, [o for o in overrides if o != override])

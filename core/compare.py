@@ -34,6 +34,7 @@ from typing import Any, Literal, Sequence
 from hydra.experimental.callback import Callback
 
 from modalforge.errors import RunDirError
+from modalforge.overrides import override_key
 
 #: Overrides that say where a run went, not what it did: never "key overrides".
 _NOT_KEY = re.compile(r"^(run_dir|ckpt_path|overwrite|plugin|hydra\..*)$")
@@ -199,7 +200,7 @@ def read_curves(path: Path) -> dict[str, dict[int, float]]:
 def split_overrides(runs: Sequence[RunInfo]) -> tuple[list[str], dict[str, list[str]]]:
     """Overrides common to all runs, and per run (by label) those that differ."""
     def key(o: str) -> str:
-        return o.split("=", 1)[0].lstrip("+~")
+        return override_key(o)
 
     cleaned = {r.label: [o for o in r.overrides if not _NOT_KEY.match(key(o))] for r in runs}
     if len(runs) == 1:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from modalforge.errors import ConfigError, ModalforgeError
+from modalforge.overrides import override_key
 
 #: What ``${stages.<name>.<output>}`` may name.
 OUTPUTS = ("run_dir", "final", "checkpoints")
@@ -135,7 +136,7 @@ def _check_override(override: str, where: str) -> None:
     if override.startswith("-"):
         raise ConfigError(f"{override!r}: flags are not stage overrides", where=where,
                           hint="give key=value overrides; `modalforge pipeline ... --dry-run` prints the commands")
-    key = override.split("=", 1)[0].lstrip("+~")
+    key = override_key(override)
     if "=" not in override and not override.startswith("~"):
         raise ConfigError(f"{override!r} is not key=value", where=where)
     if key in RESERVED:
@@ -210,7 +211,7 @@ def _merge(overrides: Sequence[str]) -> list[str]:
     """Later overrides of a key replace earlier ones (so every-stage overrides win), order kept."""
     out: dict[str, str] = {}
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key = override_key(override)
         out.pop(key, None)
         out[key] = override
     return list(out.values())
@@ -332,7 +333,7 @@ def _override_where(stage: Stage, key: str | None) -> str:
     """``stages.<name>.overrides[i]`` for the override that sets ``key`` (or a parent of it), else the stage."""
     if key:
         for j, override in enumerate(stage.overrides):
-            set_key = override.split("=", 1)[0].lstrip("+~")
+            set_key = override_key(override)
             if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
                 return f"stages.{stage.name}.overrides[{j}]"
     return f"stages.{stage.name}"
@@ -358,8 +359,8 @@ def _changed_since(p: StagePlan) -> tuple[list[str], list[str]]:
     recorded = _recorded_overrides(p.run_dir)
     if recorded is None:
         return [], []
-    then = [o for o in recorded if o.split("=", 1)[0].lstrip("+~") not in ignore]
-    now = [o for o in p.args if o.split("=", 1)[0].lstrip("+~") not in ignore]
+    then = [o for o in recorded if override_key(o) not in ignore]
+    now = [o for o in p.args if override_key(o) not in ignore]
     return [o for o in then if o not in now], [o for o in now if o not in then]
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping as MappingType, Sequence
 
 from modalforge.cli_args import hydra_value
 from modalforge.errors import ModalforgeError
+from modalforge.overrides import override_key
 
 #: Always parsed beside the trainer's config class by TRL's scripts.
 COMMON_CONFIGS = ("ModelConfig", "ScriptArguments", "DatasetMixtureConfig")
@@ -654,7 +655,7 @@ def trl_config_overrides(path: str | Path, plugin: str) -> tuple[list[str], list
 
 
 def _override_key(arg: str) -> str:
-    return arg.split("=", 1)[0].lstrip("+~")
+    return override_key(arg)
 
 
 def expand_argv(argv: Sequence[str]) -> list[str]:

@@ -315,3 +315,20 @@ def test_sigterm_to_one_child_rank_stops_both_ranks_at_the_same_step(tmp_path):
     saved = torch.load(run_dir / "checkpoints" / "last-interrupted.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] >= 2 and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] \
         == saved["global_step"]  # stopped at a batch end, whole
+
+
+@pytest.mark.parametrize("value", ["outputs/causal_lm/job-4242", r"C:\runs\a b", r"\\share\runs\it's", "/tmp/x y\\"])
+def test_the_agreed_run_dir_reads_back_through_hydras_parser_unchanged(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (parsed,) = OverridesParser.create().parse_overrides([f"run_dir={launch.override_value(value)}"])
+    assert parsed.value() == value
+
+
+def test_an_override_names_its_key_whatever_its_prefix():
+    from modalforge.overrides import Override, override_key
+
+    assert [override_key(o) for o in ("trainer.devices=2", "+strategy.x=1", "++a.b=c=d", "~callbacks.x")] == \
+        ["trainer.devices", "strategy.x", "a.b", "callbacks.x"]
+    assert Override("++a.b=c=d").value == "c=d" and Override("++a.b=c=d").prefix == "++"
+    assert Override("~callbacks.x").value is None and Override("~callbacks.x").prefix == "~"

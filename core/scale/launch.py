@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from modalforge.errors import ConfigError
+from modalforge.overrides import override_key
 
 #: How long ranks other than zero wait for rank zero's ``run_dir`` (seconds).
 RUN_DIR_TIMEOUT_S = 300
@@ -85,7 +86,7 @@ def is_rank_zero() -> bool:
 
 
 def _keys(overrides: Sequence[str]) -> set[str]:
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("-")}
+    return {override_key(o) for o in overrides if not o.startswith("-")}
 
 
 def rank_hydra_overrides(argv: Sequence[str]) -> list[str]:
@@ -140,10 +141,11 @@ def fit_trainer(cfg: Any, overrides: Sequence[str], launcher: Launcher) -> list[
 
 
 def override_value(value: str) -> str:
-    """``value`` quoted so that Hydra's override parser reads it back unchanged."""
-    if re.fullmatch(r"[\w./@:+-]+", value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """``value`` quoted so that Hydra's override parser reads it back unchanged (backslashes stay literal,
+    as Hydra's grammar has them: a Windows path or a share reaches every rank as rank zero chose it)."""
+    from modalforge.cli_args import hydra_value
+
+    return hydra_value(value)
 
 
 def _raw_run_dir(cfg: Any) -> str:
