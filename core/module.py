@@ -284,6 +284,49 @@ class TrainingModule(L.LightningModule):
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith(prefixes)]:
                 del state[key]
+        self._save_rank_extra_states(checkpoint)
+
+    # A module's ``get_extra_state`` (grpo's rollout buffer) may be its rank's own, and the state dict holds
+    # rank zero's; FSDP2's load (Lightning's, parameters and buffers only) does not restore it at all.
+    def _extra_state_modules(self) -> dict[str, nn.Module]:
+        frozen = tuple(self._frozen_prefixes())
+        keys = {f"{name}.{_EXTRA_STATE}" if name else _EXTRA_STATE: module for name, module in self.named_modules()
+                if type(module).get_extra_state is not nn.Module.get_extra_state}
+        return {k: m for k, m in keys.items() if not k.startswith(frozen)} if frozen else keys
+
+    def _save_rank_extra_states(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning dumps a checkpoint on every rank (rank zero writes it): a collective is safe here.
+        modules = self._extra_state_modules()
+        if not modules:
+            return
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        own = move_data_to_device({key: module.get_extra_state() for key, module in modules.items()}, "cpu")
+        rank, world = _rank_world()
+        states: list[Any] = [own]
+        if world > 1:
+            states = [None] * world
+            torch.distributed.all_gather_object(states, own)
+        checkpoint[RANK_EXTRA_STATES_KEY] = states
+
+    def _load_rank_extra_states(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(RANK_EXTRA_STATES_KEY)
+        if not states:
+            return
+        rank, world = _rank_world()
+        if len(states) == world:  # this rank's own
+            own = states[rank]
+        elif checkpoint.get("state_dict") is None:  # another process count under FSDP2: what the state dict held
+            own = states[0]
+        else:  # another process count: the state dict's (rank zero's), as it stands
+            return
+        modules = self._extra_state_modules()
+        state = checkpoint.get("state_dict")
+        for key, value in own.items():
+            if state is not None:  # DDP, one process: loaded with the state dict, after this hook
+                state[key] = value
+            elif key in modules:  # FSDP2: the strategy has loaded the rest already
+                modules[key].set_extra_state(value)
 
     def _align_data_position(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint written on Ctrl-C may come after a batch was fetched but before it was
@@ -301,6 +344,7 @@ class TrainingModule(L.LightningModule):
         # bitsandbytes saves each 4-bit weight's quantisation state as extra keys that its own
         # Linear4bit does not accept back into an already-quantised layer; the frozen 4-bit base
         # is rebuilt identically by configure_model, so those keys carry nothing to restore.
+        self._load_rank_extra_states(checkpoint)
         state = checkpoint.get("state_dict")
         if state is None:  # FSDP2 (ModelParallelStrategy) loaded the weights into the sharded model itself
             return
@@ -386,6 +430,18 @@ class TrainingModule(L.LightningModule):
             datamodule.save_processor(directory)
         self.objective.save_artifacts(directory)
         return directory
+
+
+#: Checkpoint key: every rank's ``get_extra_state`` values, by state-dict key, in rank order.
+RANK_EXTRA_STATES_KEY = "modalforge_rank_extra_states"
+_EXTRA_STATE = "_extra_state"  # torch's suffix of a module's extra state in its state dict
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 _BNB_QUANT_STATE_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.")

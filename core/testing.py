@@ -29,16 +29,12 @@ from omegaconf import DictConfig, ListConfig
 from modalforge.checkpoints import read_checkpoint
 from modalforge.config import compose
 from modalforge.run import build_components, build_module
+from modalforge.scale.conformance import QUICK_OVERRIDES
 
+#: One quick process: QUICK_OVERRIDES (shared with the multi-process check), one device, no loggers, no callbacks.
 FAST_OVERRIDES = (
-    "trainer.accelerator=cpu",
+    *QUICK_OVERRIDES,
     "trainer.devices=1",
-    "trainer.val_check_interval=null",
-    "trainer.limit_val_batches=0",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "module.num_samples=0",
     "logger=none",
     "callbacks=none",
 )

@@ -1,10 +1,14 @@
-"""Every plugin trains under 2-process FSDP2 on CPU (gloo), as the conformance suite checks it.
+"""Every plugin trains, checkpoints, resumes and exports under 2-process FSDP2 on CPU (gloo), as the
+conformance suite checks it.
 
-sft gets the whole check (every step's loss equal to one process with the same global
-batch, exact resume, 2 -> 1 resume); dpo the loss equality; causal_lm the same under DDP;
-the rest train two sharded steps and validate once with a sample, trainable parameters moving and
-frozen ones not (their
-per-rank noise, masking and sampling make equality with one process meaningless).
+sft gets the whole check (every step's loss equal to one process with the same global batch,
+exact resume, 2 -> 1 resume); dpo the same in two steps (its frozen reference is rebuilt, not
+checkpointed); causal_lm the loss equality under DDP. The rest train two sharded steps and validate
+once with a sample, trainable parameters moving and frozen ones not (their per-rank noise, masking
+and sampling make equality with one process meaningless); the plugins whose state is more than
+weights and optimizer (diffusion's EMA shadows, grpo's rollout buffer) are also stopped after one
+step and resumed, and must end on the same weights. Every FSDP2 run exports ``final/``, whose
+tensors must be the gathered checkpoint's, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from modalforge.testing import assert_plugin_conforms_sharded
 SHARDED_ONLY = {
     "causal_lm": ((), 2),
     "reward_model": ((), 2),
-    "grpo": ((), 2),
+    # two minibatches per rollout: the step-1 checkpoint holds a rollout half used, which the resume must replay
+    "grpo": (("objective.steps_per_generation=2",), 2),
     "ppo": ((), 2),
     "image_classification": ((), 2),
     "clip": ((), 2),
@@ -28,17 +33,26 @@ SHARDED_ONLY = {
     "multitask": (("tasks=[causal_lm,sft]", "objective.mix=sum"), None),
 }
 
+#: Stopped after one of the two steps and resumed too: state beyond weights and optimizer.
+RESUMED = {"diffusion", "grpo"}
+
+#: Exports that write the trained weights from elsewhere than the parameters (``export_trained_from``):
+#: diffusion's final/ holds the EMA weights (``_ema_applied`` around ``save_pretrained``), so each
+#: exported trained tensor must be bit for bit one of the EMA shadows the checkpoint holds, not the
+#: raw parameter of its name. Every other export writes the parameters as they are.
+EXPORT_TRAINED_FROM = {"diffusion": r"objective\.ema\.shadow_\d+"}
+
 
 @pytest.mark.slow
 def test_sft_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path):
-    report = assert_plugin_conforms_sharded("sft", tmp_path, steps=4)
+    report = assert_plugin_conforms_sharded("sft", tmp_path, steps=4, export=True)
     assert report.resume_difference == 0.0 or report.resume_difference <= 1e-6
 
 
 @pytest.mark.slow
-def test_dpo_under_fsdp2_equals_one_process(tmp_path):
-    """dpo's frozen reference policy is sharded too and rebuilt, not checkpointed."""
-    assert_plugin_conforms_sharded("dpo", tmp_path, steps=2, resume=False)
+def test_dpo_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path):
+    """dpo's frozen reference policy is sharded too and rebuilt, not checkpointed: the resume rebuilds it."""
+    assert_plugin_conforms_sharded("dpo", tmp_path, steps=2, resume=True, export=True)
 
 
 @pytest.mark.slow
@@ -49,7 +63,9 @@ def test_causal_lm_under_ddp_equals_one_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHARDED_ONLY))
 def test_every_plugin_trains_under_fsdp2_on_two_processes(name, tmp_path):
+    """Two sharded steps, then one validation with a sample (no rank may wait alone at a collective) and
+    the export; diffusion and grpo also stop after one step and resume."""
     overrides, batch_size = SHARDED_ONLY[name]
-    """Two sharded steps, then one validation with a sample (no rank may wait alone at a collective)."""
     assert_plugin_conforms_sharded(name, tmp_path, overrides, steps=2, batch_size=batch_size,
-                                   equal_to_single=False, resume=False, samples=True)
+                                   equal_to_single=False, resume=name in RESUMED, samples=True, export=True,
+                                   export_trained_from=EXPORT_TRAINED_FROM.get(name))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -107,7 +106,8 @@ class DiffusionDataModule(SourcedDataModule):
         image_size: square training resolution; images of other sizes are resized and centre-cropped.
         random_flip: random horizontal flips (off by default: the demo's captions say "left"/"right").
         caption_dropout: probability of dropping a training example's condition (caption -> ``""``,
-            label -> the null class) so classifier-free guidance can sample without it.
+            label -> the null class) so classifier-free guidance can sample without it; drawn by the
+            objective in its training step (``DiffusionObjective.drop_conditions``), not here.
         tokenizer: a tokenizer folder or hub id for captions; ``None`` uses the model's own
             (``model.name_or_path``) or trains a byte-level BPE on the captions.
         context_length: caption tokens (padded / truncated).
@@ -139,7 +139,6 @@ class DiffusionDataModule(SourcedDataModule):
         self.decodes_per_item = not cache_latents  # cached latents are served from memory
         self.verify, self.skip_bad = verify, skip_bad
         self.classes: list[str] = []
-        self._rng = random.Random(seed)
 
     # ---- reading ----------------------------------------------------------------------
     def synthetic_data(self) -> tuple[str, str]:
@@ -287,13 +286,11 @@ class DiffusionDataModule(SourcedDataModule):
         return out["input_ids"]
 
     def _collate(self, items: list[tuple[torch.Tensor, str, int]], train: bool) -> dict[str, Any]:
-        """Stack images (or latents); in training, drop conditions with ``caption_dropout``."""
+        """Stack images (or latents). ``caption_dropout`` is the objective's to draw: a generator here,
+        in a data-loader worker or seeded alike on every rank, is not in the checkpoint, so a resumed run
+        dropped other conditions than the run it continues."""
         captions = [c for _, c, _ in items]
         labels = [l for _, _, l in items]
-        if train and self.caption_dropout > 0:
-            for i in range(len(items)):
-                if self._rng.random() < self.caption_dropout:
-                    captions[i], labels[i] = "", len(self.classes)  # the null class is the last embedding
         key = "latents" if train and isinstance(self.train_set, LatentItems) else "pixel_values"
         batch: dict[str, Any] = {key: torch.stack([x for x, _, _ in items]), "labels": torch.tensor(labels),
                                  "captions": captions}

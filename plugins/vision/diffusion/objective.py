@@ -303,7 +303,32 @@ class DiffusionObjective(Objective):
         mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
         return mse * weights.float().view(-1), mse, level
 
+    def drop_conditions(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``data.caption_dropout``: each training example's condition dropped (caption -> ``""``, label ->
+        the null class) with that probability, so classifier-free guidance can sample without it.
+
+        Drawn here, from the torch generator, which differs by rank and which every checkpoint holds
+        (``callbacks/rng_state.py``), so a resumed run drops what the uninterrupted one dropped. Not in
+        the data's collate: that may run in worker processes, whose generators no checkpoint holds, and
+        it drew from a ``random.Random(seed)`` of its own, the same on every rank and restarted by a resume."""
+        p = float(getattr(self.datamodule, "caption_dropout", 0.0) or 0.0)
+        if p <= 0 or self.conditioning == "none":
+            return batch
+        drop = torch.rand(len(batch["captions"])) < p
+        if not drop.any():
+            return batch
+        batch = dict(batch)
+        batch["captions"] = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
+        labels = batch["labels"]
+        batch["labels"] = torch.where(drop.to(labels.device), torch.full_like(labels, len(self.classes)), labels)
+        if batch.get("input_ids") is not None:
+            ids = batch["input_ids"]
+            empty = self.datamodule.tokenize([""]).to(ids.device, ids.dtype)
+            batch["input_ids"] = torch.where(drop.to(ids.device)[:, None], empty, ids)
+        return batch
+
     def training_step(self, batch: dict[str, Any]) -> StepOutput:
+        batch = self.drop_conditions(batch)
         if self.prior_loss_weight > 0:
             return self._dreambooth_step(batch)
         x0 = self._clean(batch)
