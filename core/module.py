@@ -20,6 +20,7 @@ from torch import nn
 
 from modalforge.interfaces import Adapter, DataModule, Objective, StepOutput
 from modalforge.optim import build_optimizer, build_scheduler, clips_scaled_gradients
+from modalforge.scale.ranks import rank_world
 from modalforge.scale.step_loss import StepLoss
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ class TrainingModule(L.LightningModule):
         from lightning.fabric.utilities.apply_func import move_data_to_device
 
         own = move_data_to_device({key: module.get_extra_state() for key, module in modules.items()}, "cpu")
-        rank, world = _rank_world()
+        _, world = rank_world()
         states: list[Any] = [own]
         if world > 1:
             states = [None] * world
@@ -313,7 +314,7 @@ class TrainingModule(L.LightningModule):
         states = checkpoint.get(RANK_EXTRA_STATES_KEY)
         if not states:
             return
-        rank, world = _rank_world()
+        rank, world = rank_world()
         if len(states) == world:  # this rank's own
             own = states[rank]
         elif checkpoint.get("state_dict") is None:  # another process count under FSDP2: what the state dict held
@@ -435,13 +436,6 @@ class TrainingModule(L.LightningModule):
 #: Checkpoint key: every rank's ``get_extra_state`` values, by state-dict key, in rank order.
 RANK_EXTRA_STATES_KEY = "modalforge_rank_extra_states"
 _EXTRA_STATE = "_extra_state"  # torch's suffix of a module's extra state in its state dict
-
-
-def _rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 _BNB_QUANT_STATE_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.")

@@ -232,6 +232,14 @@ def _wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int) -> None:
     assert proc.poll() is None, proc.communicate()[1][-3000:]
 
 
+def _two_past_step_two(run_dir: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    """A 2-process run (launcher, and its one child's PID) once it has logged two steps."""
+    proc = _start_two(run_dir, *extra)
+    (child,) = _child_pids(proc.pid, 1)
+    _wait_for_steps(run_dir, proc, 2)
+    return proc, child
+
+
 def _running(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().split()[2] != "Z"
@@ -244,9 +252,7 @@ def _last_lines(err: str) -> list[str]:
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_run_with_one_error_line(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start_two(run_dir)
-    (child,) = _child_pids(proc.pid, 1)
-    _wait_for_steps(run_dir, proc, 2)
+    proc, child = _two_past_step_two(run_dir)
     os.kill(child, signal.SIGKILL)
     killed = time.time()
     _, err = proc.communicate(timeout=90)
@@ -261,9 +267,7 @@ def test_a_killed_rank_ends_the_run_with_one_error_line(tmp_path):
 @pytest.mark.slow
 def test_a_hung_rank_ends_the_run_after_strategy_timeout(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start_two(run_dir, "strategy.timeout=15")  # also bounds the start: the child must join within it
-    (child,) = _child_pids(proc.pid, 1)
-    _wait_for_steps(run_dir, proc, 2)
+    proc, child = _two_past_step_two(run_dir, "strategy.timeout=15")  # also bounds the start: the child joins within it
     os.kill(child, signal.SIGSTOP)
     stopped = time.time()
     _, err = proc.communicate(timeout=120)
@@ -305,9 +309,7 @@ def test_sigterm_to_the_launcher_checkpoints_both_ranks_and_resume_continues(tmp
 def test_sigterm_to_one_child_rank_stops_both_ranks_at_the_same_step(tmp_path):
     """A signal that reaches one rank alone: that rank may not stop by itself (the others would wait in a collective)."""
     run_dir = tmp_path / "run"
-    proc = _start_two(run_dir)
-    (child,) = _child_pids(proc.pid, 1)
-    _wait_for_steps(run_dir, proc, 2)
+    proc, child = _two_past_step_two(run_dir)
     os.kill(child, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]

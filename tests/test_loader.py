@@ -42,7 +42,7 @@ def test_epochs_reshuffle_deterministically():
 def test_ranks_get_disjoint_equal_shards(monkeypatch):
     shards = []
     for rank in range(3):
-        monkeypatch.setattr(loader_mod, "_rank_world", lambda rank=rank: (rank, 3))
+        monkeypatch.setattr(loader_mod, "rank_world", lambda rank=rank: (rank, 3))
         s = ResumableSampler(list(range(10)), shuffle=False)
         shards.append(list(s))
     assert [len(x) for x in shards] == [4, 4, 4]

@@ -34,6 +34,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from modalforge.scale.ranks import rank_world
+
 #: Seeds of ``seed + rank`` must stay valid for numpy (below 2**32).
 _MAX_SEED = 2**32
 
@@ -85,14 +87,6 @@ def restore(state: dict[str, Any]) -> None:
     _set_numpy_state(state["numpy"])
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _loaders(node: Any) -> list[Any]:
@@ -196,7 +190,7 @@ class RNGState(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank while a checkpoint is dumped; under DDP only rank zero writes the file.
         own = self._own_state()
-        rank, world = _world()
+        rank, world = rank_world()
         if world > 1:
             import torch.distributed as dist
 

@@ -14,14 +14,9 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sized
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from modalforge.scale.ranks import rank_world
 
 
 class ResumableSampler(Sampler[int]):
@@ -58,7 +53,7 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(n, generator=generator).tolist()
         else:
             order = list(range(n))
-        rank, world = _rank_world()
+        rank, world = rank_world()
         per_rank = -(-n // world)
         padded = order + order[: per_rank * world - n]
         return padded[rank::world]
@@ -70,7 +65,7 @@ class ResumableSampler(Sampler[int]):
         return iter(indices[skip:])
 
     def __len__(self) -> int:
-        _, world = _rank_world()
+        _, world = rank_world()
         return -(-len(self.data_source) // world)
 
 
@@ -78,7 +73,7 @@ def _check_enough(per_rank: int, batch_size: int, drop_last: bool, what: str) ->
     """Too little data for one batch is an error with both numbers, never Lightning's silent "no batches"."""
     from modalforge.data.errors import DataError
 
-    _, world = _rank_world()
+    _, world = rank_world()
     ranks = f" per process ({world} processes)" if world > 1 else ""
     if per_rank == 0:
         raise DataError(f"{what} holds no examples{ranks} after reading and filtering", hint="check the data source "

@@ -25,7 +25,8 @@ from torch import nn
 from modalforge.errors import ConfigError
 from modalforge.losses.chunked import chunked_cross_entropy, chunked_token_logprobs
 
-__all__ = ["AUTO_MIN_VOCAB", "LOSS_IMPLS", "LMHead", "TokenLoss", "lm_head", "resolve_loss_impl", "token_loss"]
+__all__ = ["AUTO_MIN_VOCAB", "LOSS_IMPLS", "LMHead", "TokenLoss", "lm_head", "resolve_loss_impl", "token_logprobs",
+           "token_loss"]
 
 log = logging.getLogger(__name__)
 
