@@ -16,9 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from modalforge import quiet, registry, run_lock
+from modalforge.batch_size import SEARCH_KEYS, datamodule_config, is_auto, recorded_batch_size
+from modalforge.callbacks.batch_size_search import BatchSizeSearch
 from modalforge.callbacks.export import ExportOnTrainEnd
 from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoint
-from modalforge.errors import RunDirError
+from modalforge.errors import ConfigError, RunDirError
 from modalforge.callbacks.interrupt import CheckpointOnInterrupt
 from modalforge.callbacks.sigterm import SynchronizedSigterm
 from modalforge.callbacks.nonfinite import NonFiniteGuard
@@ -35,10 +37,17 @@ from modalforge.trainer_schema import trainer_kwargs
 from modalforge.validate import resolved, validate_config
 
 
-def build_components(cfg: DictConfig) -> tuple[DataModule, Objective, Adapter]:
-    """Instantiate the plugin's DataModule and Objective, and the chosen Adapter."""
+def build_components(cfg: DictConfig, batch_size: int = 1) -> tuple[DataModule, Objective, Adapter]:
+    """Instantiate the plugin's DataModule and Objective, and the chosen Adapter.
+
+    ``data.batch_size=auto`` builds the DataModule with ``batch_size`` (the search sets the real
+    one at fit start), and the search's own keys (``data.max_batch_size``...) never reach it.
+    """
     registry.get(cfg.plugin.name)  # fails loudly, naming the distribution, if the selected plugin is broken
-    datamodule = instantiate(cfg.data, _convert_="all")
+    data = cfg.data
+    if is_auto(data.get("batch_size")) or any(key in data for key in SEARCH_KEYS):
+        data = datamodule_config(OmegaConf.to_container(data, resolve=True), batch_size)
+    datamodule = instantiate(data, _convert_="all")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else {}
     objective_factory = instantiate(cfg.objective, _partial_=True, _convert_="all")
     objective = objective_factory(model=model_cfg)
@@ -201,10 +210,14 @@ def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMo
     old_config = saved.get(CONFIG_KEY)
     if ckpt_path:  # data files changed under the checkpoint: refused before anything is built from them
         check_resume(saved, str((cfg.get("checkpoint") or {}).get("on_data_change", "refuse")))
+    data_cfg = cfg.get("data") or {}
+    # data.batch_size=auto: a resume reuses what the run found (the same batches as the run it continues).
+    auto = is_auto(data_cfg.get("batch_size"))
+    recorded = recorded_batch_size(saved) if auto and ckpt_path else None
     del saved
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule, objective, adapter = build_components(cfg)
+    datamodule, objective, adapter = build_components(cfg, batch_size=recorded or 1)
     module = build_module(cfg, objective, adapter)
     run_config = resolved(cfg)
     module.run_config = run_config  # saved in each checkpoint, to explain a resume that does not fit
@@ -219,13 +232,25 @@ def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMo
     enable_ckpt = kwargs.get("enable_checkpointing", True) is not False
     kwargs["callbacks"] = build_callbacks(cfg, output_dir, enable_ckpt, kwargs.get("enable_progress_bar") is not False) \
         + list(kwargs.get("callbacks") or [])
+    if auto:  # first: the later callbacks' on_fit_start see the found data.batch_size
+        kwargs["callbacks"].insert(0, BatchSizeSearch(
+            search=recorded is None, max_batch_size=data_cfg.get("max_batch_size"),
+            mode=str(data_cfg.get("batch_size_search") or "power")))
     if kwargs.get("logger", None) is not False:
         kwargs["logger"] = build_loggers(cfg, output_dir, resuming=ckpt_path is not None)
     kwargs.setdefault("default_root_dir", str(output_dir))
 
     trainer = L.Trainer(**kwargs)
+    if auto and recorded is None and trainer.world_size > 1:
+        raise ConfigError(f"searches in one process, and this run has {trainer.world_size}",
+                          where="data.batch_size=auto",
+                          hint="find it once with trainer.devices=1 (the per-device batch under DDP), then set "
+                               "data.batch_size=N")
     if ckpt_path:
         print(f"[modalforge] resuming from {ckpt_path}")
+        if recorded is not None:
+            print(f"[modalforge] data.batch_size=auto: {recorded}, as the checkpoint's run used "
+                  f"(set data.batch_size=N to change it)")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
     except BaseException as err:

@@ -294,6 +294,11 @@ def validate_config(cfg: DictConfig) -> None:
     for name in ("data", "adapter"):
         node = plain.get(name)
         if isinstance(node, Mapping) and node.get("_target_"):
+            if name == "data":  # data.batch_size=auto and the search's keys are the core's, not the DataModule's
+                from modalforge.batch_size import check_options, datamodule_config
+
+                check_options(node)
+                node = datamodule_config(node)
             check_call(name, str(node["_target_"]), node)
     objective = plain.get("objective")
     if isinstance(objective, Mapping) and objective.get("_target_"):

@@ -62,7 +62,8 @@ def test_a_real_cpu_out_of_memory_saves_the_state_and_ends_in_one_line(tmp_path)
     assert "on a batch of 8 items × 64 tokens = 512 tokens (input_ids 8×64)" in error
     assert f"the state at step 2 is saved in {tmp_path / 'checkpoints' / 'last-interrupted.ckpt'}" in error
     assert hint == ("hint: use less memory per step: data.batch_size=4 trainer.accumulate_grad_batches=2 (the same "
-                    "step in two halves), or module.gradient_checkpointing=true, or adapter=lora")
+                    "step in two halves; data.batch_size=auto: the largest batch that fits), or "
+                    "module.gradient_checkpointing=true, or adapter=lora")
     assert "Traceback" not in proc.stderr
     saved = torch.load(tmp_path / "checkpoints" / "last-interrupted.ckpt", weights_only=False)
     assert saved["global_step"] == 2
@@ -108,6 +109,11 @@ def test_batch_shapes_causes_and_switches():
     ddp = type("T", (), {"num_devices": 8, "num_nodes": 1, "accumulate_grad_batches": 4})()
     cfg = {"data": {"batch_size": 16}, "module": {"gradient_checkpointing": True}, "strategy": {"name": "ddp"},
            "adapter": {"_target_": "modalforge.adapters.FullAdapter"}, "optim": {"name": "adamw"}}
-    assert switches(cfg, ddp) == ["data.batch_size=8 trainer.accumulate_grad_batches=8 (the same step in two halves)",
+    assert switches(cfg, ddp) == ["data.batch_size=8 trainer.accumulate_grad_batches=8 (the same step in two halves; "
+                                  "data.batch_size=auto: the largest batch that fits)",
                                   "strategy=fsdp (shards weights, gradients and optimizer state over the devices)",
                                   "adapter=lora"]
+    found = type("T", (), {"num_devices": 1, "num_nodes": 1, "accumulate_grad_batches": 1,
+                           "datamodule": type("D", (), {"batch_size": 16})()})()
+    assert switches({"data": {"batch_size": "auto"}}, found) == [
+        "data.batch_size=8 trainer.accumulate_grad_batches=2 (the same step in two halves)"]

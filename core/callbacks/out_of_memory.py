@@ -8,7 +8,8 @@ finished frames' activations so that ``CheckpointOnInterrupt`` (after it in the 
 list) can save the current state; :func:`explain_out_of_memory` then turns the error into
 an :class:`OutOfMemory` line: the step, the batch (items and tokens), whether the state
 was saved, and up to three of ``data.batch_size`` with ``trainer.accumulate_grad_batches``
-(the same optimizer step), ``module.gradient_checkpointing=true``, ``strategy=fsdp``,
+(the same optimizer step; or ``data.batch_size=auto``: the largest batch that fits),
+``module.gradient_checkpointing=true``, ``strategy=fsdp``,
 ``adapter=lora``/``qlora`` and ``optim.name=adamw_8bit``, those that are not already set.
 """
 
@@ -103,11 +104,14 @@ def switches(cfg: Mapping[str, Any], trainer: L.Trainer | None, *, limit: int = 
     strategy = str((cfg.get("strategy") or {}).get("name", "auto"))
     found = []
     batch_size = data.get("batch_size")
+    if batch_size == "auto":  # found at fit start, then a larger batch came (longer texts): half of what was found
+        batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
     accumulate = int(getattr(trainer, "accumulate_grad_batches", None) or
                      (cfg.get("trainer") or {}).get("accumulate_grad_batches") or 1)
     if isinstance(batch_size, int) and batch_size > 1:
         found.append(f"data.batch_size={batch_size // 2} trainer.accumulate_grad_batches={accumulate * 2} "
-                     "(the same step in two halves)")
+                     "(the same step in two halves" + (")" if data.get("batch_size") == "auto" else
+                                                       "; data.batch_size=auto: the largest batch that fits)"))
     if "gradient_checkpointing" in module and not module.get("gradient_checkpointing"):
         found.append("module.gradient_checkpointing=true")
     devices = int(getattr(trainer, "num_devices", 1) or 1) * int(getattr(trainer, "num_nodes", 1) or 1)
@@ -196,5 +200,6 @@ def explain_out_of_memory(err: BaseException, trainer: L.Trainer | None,
     elif step:
         what += "; the state could not be saved"
     fits = switches(cfg, trainer)
-    hint = ("use less memory per step: " + ", or ".join(fits)) if fits else "use a smaller batch or model"
+    hint = ("use less memory per step: " + ", or ".join(fits)) if fits else \
+        "use a smaller batch (data.batch_size=auto finds the largest that fits) or model"
     return OutOfMemory(what, where=where, hint=hint)
