@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.models import check_hub, offline_hint
+from modalforge.progress import preparing
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
 
@@ -68,7 +69,8 @@ def cached_bpe(texts: Sequence[str], vocab_size: int, *, cache_dir: str | Path |
     folder = cache_root(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{digest.hexdigest()[:16]}"
 
     def build(tmp: Path) -> None:
-        train_bpe(texts, vocab_size, extra_special_tokens=extra_special_tokens,
-                  chat_template=chat_template).save_pretrained(str(tmp))
+        with preparing(f"training a {vocab_size}-token BPE on {len(texts)} texts", cached_in=folder.parent):
+            train_bpe(texts, vocab_size, extra_special_tokens=extra_special_tokens,
+                      chat_template=chat_template).save_pretrained(str(tmp))
 
     return PreTrainedTokenizerFast.from_pretrained(str(ensure_built(folder, build)))

@@ -3,7 +3,7 @@
 A corrupt file met at step 40,000 costs a restart; the same file found by a
 header check (PIL ``verify``, libsndfile ``info``) costs milliseconds. The pass
 runs when ``data.verify`` is true, or, by default (``null``), when the set is
-small enough to be cheap (``AUTO_LIMIT`` files); its cost is printed. A bad file
+small enough to be cheap (``AUTO_LIMIT`` files); it shows a bar and its duration. A bad file
 stops the run naming it (and saying "not found" for a missing one), or, with
 ``data.skip_bad=true``, is skipped, counted and reported.
 """
@@ -11,10 +11,10 @@ stops the run naming it (and saying "not found" for a missing one), or, with
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Sequence, TypeVar
 
 from modalforge.data.errors import DataError
+from modalforge.progress import preparing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,20 +30,19 @@ def verify_media(items: Sequence[T], problem_of: Callable[[T], str | None], desc
             log.info("%s: %d %ss, more than %d: header check skipped (data.verify=true forces it)", what, len(items),
                      kind, AUTO_LIMIT)
         return list(items)
-    start = time.perf_counter()
     good: list[T] = []
     bad: list[tuple[str, str]] = []
-    for item in items:
-        problem = problem_of(item)
-        if problem is None:
-            good.append(item)
-            continue
-        if not skip_bad:
-            raise DataError(problem, source=describe(item),
-                            hint="fix or remove it, or skip unreadable files with data.skip_bad=true")
-        bad.append((describe(item), problem))
-    took = time.perf_counter() - start
-    log.info("%s: checked %d %s headers in %.2f s (data.verify=false skips this)", what, len(items), kind, took)
+    with preparing(f"{what}: checking {kind} headers", total=len(items), unit=kind) as step:
+        for item in step.track(items):
+            problem = problem_of(item)
+            if problem is None:
+                good.append(item)
+                continue
+            if not skip_bad:
+                raise DataError(problem, source=describe(item),
+                                hint="fix or remove it, or skip unreadable files with data.skip_bad=true")
+            bad.append((describe(item), problem))
+        step.summary = "data.verify=false skips this"
     if bad:
         log.warning("%s: skipped %d unreadable %s(s) of %d (data.skip_bad=true), first: %s (%s)", what, len(bad),
                     kind, len(items), bad[0][0], bad[0][1])

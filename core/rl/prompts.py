@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,6 +23,7 @@ from modalforge.data.loader import ResumableDataLoader, ResumableSampler
 from modalforge.data.readers import Record, read_records
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
+from modalforge.progress import preparing
 from modalforge.text.formats import Message
 from modalforge.text.synthetic import OPS
 from modalforge.text.tokenize import tokenize_prompt
@@ -186,13 +187,15 @@ class PromptDataModule(SourcedDataModule):
             raise DataError(f"{what}: no prompts in {spec!r}")
         return rows
 
-    def _tokenize(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _tokenize(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
         for row in rows:
             row["prompt_ids"] = tokenize_prompt(self.processor, row["messages"])
             if len(row["prompt_ids"]) > self.max_prompt_length:
                 raise DataError(f"prompt of {len(row['prompt_ids'])} tokens is longer than data.max_prompt_length="
                                 f"{self.max_prompt_length}", source=row["where"])
-        return rows
+            out.append(row)
+        return out
 
     # ---- the sets -----------------------------------------------------------------
     def fit(self, train_items: list[dict[str, Any]]) -> None:
@@ -207,7 +210,8 @@ class PromptDataModule(SourcedDataModule):
         self.processor.padding_side = "left"
 
     def build(self, items: list[dict[str, Any]], what: str) -> Prompts:
-        return Prompts(self._tokenize(items))
+        with preparing(f"{what}: tokenising", total=len(items), unit="prompt") as progress:
+            return Prompts(self._tokenize(progress.track(items)))
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_prompts(items, self.processor.pad_token_id)

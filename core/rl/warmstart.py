@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from modalforge.data.cache import cache_root, ensure_built
+from modalforge.progress import Preparation, preparing
 from modalforge.torch_modes import plain_torch
 from modalforge.text.tokenize import IGNORE, tokenize_conversation
 
@@ -66,6 +67,14 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
                             vocab_size: int, cache_dir: str | None, seed: int, label_noise: float = 0.0) -> None:
     """SFT a tiny model on the demo conversations (a ``label_noise`` share answered off by one) and
     ``save_pretrained`` it (and its tokenizer, built on the clean conversations) to ``folder``."""
+    with preparing("rl: warm-starting the arithmetic policy by SFT", total=steps, unit="step",
+                   cached_in=folder.parent) as progress:
+        _sft(folder, progress, config=config, steps=steps, lr=lr, batch_size=batch_size, vocab_size=vocab_size,
+             cache_dir=cache_dir, seed=seed, label_noise=label_noise)
+
+
+def _sft(folder: Path, progress: Preparation, *, config: dict[str, Any], steps: int, lr: float, batch_size: int,
+         vocab_size: int, cache_dir: str | None, seed: int, label_noise: float) -> None:
     from modalforge.text.models import build_causal_lm
     from modalforge.rl.prompts import arithmetic_conversations, arithmetic_tokenizer
 
@@ -84,11 +93,12 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
             optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
         batches = _batches(examples, batch_size, tokenizer.pad_token_id, random.Random(seed))
         model.train()
-        for step in range(steps):
+        for _ in progress.track(range(steps)):
             ids, mask, labels = next(batches)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
             loss.backward()
             loss = loss.detach()
+            progress.show(loss=f"{float(loss):.3f}")
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
@@ -106,8 +116,7 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
     seconds = time.perf_counter() - start
     (folder / "warmstart.json").write_text(json.dumps({"steps": steps, "label_noise": label_noise,
                                                        "final_loss": float(loss), "seconds": seconds}))
-    log.warning("built the arithmetic policy by SFT in %.0f s (%d steps, final loss %.3f); cached in %s",
-                seconds, steps, float(loss), folder.parent)
+    progress.summary = f"{steps} steps, final loss {float(loss):.3f}"
 
 
 def arithmetic_policy_dir(config: dict[str, Any], steps: int = 300, lr: float = 3e-3, batch_size: int = 64,

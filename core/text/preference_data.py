@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -21,6 +21,7 @@ from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
+from modalforge.progress import preparing
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.text.formats import Message, as_messages, check_messages, record_tools
 from modalforge.text.mapping import check_mapping, map_record, mapping_for
@@ -194,9 +195,10 @@ class PreferenceDataModule(SourcedDataModule):
             row["uid"] = uid
 
     def build(self, items: list[dict[str, Any]], what: str) -> Preferences:
-        return Preferences(self._tokenize(items))
+        with preparing(f"{what}: tokenising", total=len(items), unit="example") as progress:
+            return Preferences(self._tokenize(progress.track(items)))
 
-    def _tokenize(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _tokenize(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         items, dropped = [], []
         keys = ("chosen", "rejected") if self.kind == "pairs" else ("completion",)
         for position, row in enumerate(rows):

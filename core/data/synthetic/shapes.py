@@ -12,6 +12,8 @@ import json
 import random
 from pathlib import Path
 
+from modalforge.progress import preparing
+
 SHAPES = ["circle", "square", "triangle", "cross", "ring", "bar"]
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
            "purple": (150, 60, 190), "orange": (240, 140, 30)}
@@ -58,15 +60,17 @@ def write_shapes(folder: Path, *, num_train: int = 1800, num_val: int = 360, siz
     with paths relative to ``folder``.
     """
     rng = random.Random(seed)
-    for split, count in (("train", num_train), ("val", num_val)):
-        lines = []
-        for n in range(count):
-            shape = SHAPES[n % len(SHAPES)]
-            colour_name = rng.choice(list(COLOURS))
-            image, scale, side = draw(shape, COLOURS[colour_name], size, rng)
-            rel = Path(split) / shape / f"{n:05d}.png"
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            image.save(folder / rel)
-            caption = f"a {scale} {colour_name} {shape} on the {side}"
-            lines.append(json.dumps({"image": rel.as_posix(), "label": shape, "caption": caption}))
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    with preparing("writing the synthetic shapes demo", total=num_train + num_val, unit="image",
+                   cached_in=folder.parent) as progress:
+        for split, count in (("train", num_train), ("val", num_val)):
+            lines = []
+            for n in progress.track(range(count)):
+                shape = SHAPES[n % len(SHAPES)]
+                colour_name = rng.choice(list(COLOURS))
+                image, scale, side = draw(shape, COLOURS[colour_name], size, rng)
+                rel = Path(split) / shape / f"{n:05d}.png"
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                image.save(folder / rel)
+                caption = f"a {scale} {colour_name} {shape} on the {side}"
+                lines.append(json.dumps({"image": rel.as_posix(), "label": shape, "caption": caption}))
+            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modalforge.progress import preparing
+
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RATES = (8000, 16000, 22050)
 
@@ -39,13 +41,15 @@ def write_tones(folder: Path, *, num_train: int = 800, num_val: int = 80, seed: 
     import soundfile as sf
 
     rng = random.Random(seed)
-    for split, count in (("train", num_train), ("val", num_val)):
-        (folder / split).mkdir(parents=True, exist_ok=True)
-        lines = []
-        for n in range(count):
-            digits = [rng.randrange(10) for _ in range(rng.randint(2, 4))]
-            rate = rng.choice(RATES)
-            rel = f"{split}/{n:05d}.wav"
-            sf.write(str(folder / rel), tone_clip(digits, rate, rng), rate)
-            lines.append(json.dumps({"audio": rel, "text": " ".join(WORDS[d] for d in digits), "language": "en"}))
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    with preparing("writing the synthetic tones demo", total=num_train + num_val, unit="file",
+                   cached_in=folder.parent) as progress:
+        for split, count in (("train", num_train), ("val", num_val)):
+            (folder / split).mkdir(parents=True, exist_ok=True)
+            lines = []
+            for n in progress.track(range(count)):
+                digits = [rng.randrange(10) for _ in range(rng.randint(2, 4))]
+                rate = rng.choice(RATES)
+                rel = f"{split}/{n:05d}.wav"
+                sf.write(str(folder / rel), tone_clip(digits, rate, rng), rate)
+                lines.append(json.dumps({"audio": rel, "text": " ".join(WORDS[d] for d in digits), "language": "en"}))
+            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")

@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -28,6 +28,7 @@ from modalforge.data.errors import DataError
 from modalforge.data.images import ImageRef, open_image
 from modalforge.data.readers import Record
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.progress import preparing
 from modalforge.plugins.multimodal.vlm.formats import Sample, final_answer, parse_record
 from modalforge.plugins.multimodal.vlm.synthetic import write_vlm_sets
 from modalforge.text.formats import Message
@@ -271,7 +272,7 @@ class VLMDataModule(SourcedDataModule):
         ids, labels = self._expand(ids, labels, sample)
         return Example(ids, labels, images=list(sample.images), source=sample.source, location=sample.location)
 
-    def _examples(self, samples: list[Sample], what: str) -> list[Example]:
+    def _examples(self, samples: Iterable[Sample], what: str) -> list[Example]:
         examples, dropped = [], []
         for sample in samples:
             example = self.tokenize(sample)
@@ -330,10 +331,11 @@ class VLMDataModule(SourcedDataModule):
         self.questions, self.captions = self._questions(held_out), self._captions(held_out)
 
     def build(self, items: list[Sample], what: str) -> Rows:
-        examples = self._examples(items, what)
-        rows = pack_first_fit(examples, self.max_length) if self.packing else [[e] for e in examples]
-        log.info("vlm %s: %d examples in %d rows, %d image tokens per image", what, len(examples), len(rows),
-                 self.image_tokens)
+        with preparing(f"vlm {what}: tokenising", total=len(items), unit="sample") as progress:
+            examples = self._examples(progress.track(items), what)
+            rows = pack_first_fit(examples, self.max_length) if self.packing else [[e] for e in examples]
+            progress.summary = (f"{len(examples)} examples in {len(rows)} rows, {self.image_tokens} image tokens "
+                                "per image")
         return Rows(rows)
 
     # ---- batches ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 
 from modalforge.data.synthetic.shapes import COLOURS, SHAPES, draw
+from modalforge.progress import preparing
 
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is this?",
              "count": "How many shapes are there?", "which": "Which of the two images shows a circle?"}
@@ -81,31 +82,34 @@ def write_vlm_sets(folder: Path, *, num_train: int = 6000, num_val: int = 240, s
     """
     rng = random.Random(seed)
     others = [s for s in SHAPES if s != "circle"]
-    for split, count in (("train", num_train), ("val", num_val)):
-        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
-        records, captions = [], []
+    with preparing("vlm: writing the synthetic shapes questions", total=num_train + num_val, unit="record",
+                   cached_in=folder.parent) as progress:
+        for split, count in (("train", num_train), ("val", num_val)):
+            (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+            records, captions = [], []
 
-        def save(image, n: int, k: int = 0) -> str:  # noqa: ANN001 - PIL image
-            rel = f"images/{split}/{n:05d}-{k}.png"
-            image.save(folder / rel)
-            return rel
+            def save(image, n: int, k: int = 0) -> str:  # noqa: ANN001 - PIL image
+                rel = f"images/{split}/{n:05d}-{k}.png"
+                image.save(folder / rel)
+                return rel
 
-        for n in range(count):
-            kind = ("single", "count", "which")[n % 3]
-            if kind == "single":  # two questions about one image: the image is encoded once for both answers
-                shape = SHAPES[(n // 3) % len(SHAPES)]
-                image, colour, caption = _single(shape, size, rng)
-                rel = save(image, n)
-                captions.append({"image": rel, "caption": caption})
-                turns = [(QUESTIONS["colour"], colour), (QUESTIONS["shape"], shape)]
-                records.append(_chat([rel], turns if rng.random() < 0.5 else turns[::-1], rng))
-            elif kind == "count":
-                number = 1 + (n // 3) % 4
-                records.append(_chat([save(_count_image(number, size, rng), n)], [(QUESTIONS[kind], str(number))], rng))
-            else:
-                first = rng.random() < 0.5
-                shapes = ["circle", rng.choice(others)] if first else [rng.choice(others), "circle"]
-                images = [save(_single(shape, size, rng)[0], n, k) for k, shape in enumerate(shapes)]
-                records.append(_chat(images, [(QUESTIONS[kind], "first" if first else "second")], rng))
-        (folder / f"questions_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-        (folder / f"captions_{split}.jsonl").write_text("\n".join(json.dumps(c) for c in captions) + "\n")
+            for n in progress.track(range(count)):
+                kind = ("single", "count", "which")[n % 3]
+                if kind == "single":  # two questions about one image: the image is encoded once for both answers
+                    shape = SHAPES[(n // 3) % len(SHAPES)]
+                    image, colour, caption = _single(shape, size, rng)
+                    rel = save(image, n)
+                    captions.append({"image": rel, "caption": caption})
+                    turns = [(QUESTIONS["colour"], colour), (QUESTIONS["shape"], shape)]
+                    records.append(_chat([rel], turns if rng.random() < 0.5 else turns[::-1], rng))
+                elif kind == "count":
+                    number = 1 + (n // 3) % 4
+                    records.append(_chat([save(_count_image(number, size, rng), n)], [(QUESTIONS[kind], str(number))],
+                                         rng))
+                else:
+                    first = rng.random() < 0.5
+                    shapes = ["circle", rng.choice(others)] if first else [rng.choice(others), "circle"]
+                    images = [save(_single(shape, size, rng)[0], n, k) for k, shape in enumerate(shapes)]
+                    records.append(_chat(images, [(QUESTIONS[kind], "first" if first else "second")], rng))
+            (folder / f"questions_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+            (folder / f"captions_{split}.jsonl").write_text("\n".join(json.dumps(c) for c in captions) + "\n")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from modalforge.data.cache import cache_root, ensure_built
+from modalforge.progress import Preparation, preparing
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,14 @@ def _accuracy(tower: nn.Module, heads: ShapeHeads, size: int, seed: int, n: int 
 def train_tower(folder: Path, *, vision: dict[str, Any], image_size: int, steps: int, lr: float, batch_size: int,
                 seed: int) -> None:
     """Train the tiny CLIP vision tower on the shape tasks and ``save_pretrained`` it to ``folder``."""
+    with preparing("vlm: pretraining the vision tower on shapes", total=steps, unit="step",
+                   cached_in=folder.parent) as progress:
+        _train(folder, progress, vision=vision, image_size=image_size, steps=steps, lr=lr, batch_size=batch_size,
+               seed=seed)
+
+
+def _train(folder: Path, progress: Preparation, *, vision: dict[str, Any], image_size: int, steps: int, lr: float,
+           batch_size: int, seed: int) -> None:
     from transformers import CLIPVisionModel
 
     from modalforge.plugins.multimodal.vlm.model import clip_vision_config
@@ -117,11 +126,12 @@ def train_tower(folder: Path, *, vision: dict[str, Any], image_size: int, steps:
         loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
         tower.train()
         loss = torch.tensor(float("nan"))
-        for _ in range(steps):
+        for _ in progress.track(range(steps)):
             pixels, labels = shape_batch(batch_size, image_size, rng)
             logits = heads(tower(pixel_values=pixels).last_hidden_state)
             loss = sum(loss_fn(logits[k], labels[k]) for k in labels)
             loss.backward()
+            progress.show(loss=f"{float(loss.detach()):.3f}")
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -139,9 +149,8 @@ def train_tower(folder: Path, *, vision: dict[str, Any], image_size: int, steps:
     seconds = time.perf_counter() - start
     (folder / "warmstart.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach()),
                                                        "accuracy": accuracy, "seconds": seconds}))
-    log.warning("vlm: pretrained the vision tower on shapes in %.0f s (%d steps of %d fresh images, final loss %.3f, "
-                "held-out accuracy %s); cached in %s", seconds, steps, batch_size, float(loss.detach()),
-                {k: round(v, 2) for k, v in accuracy.items()}, folder.parent)
+    progress.summary = (f"{steps} steps of {batch_size} fresh images, final loss {float(loss.detach()):.3f}, "
+                        f"held-out accuracy {({k: round(v, 2) for k, v in accuracy.items()})}")
 
 
 def pretrained_tower_dir(vision: dict[str, Any], image_size: int = 32, steps: int = 4000, lr: float = 1e-3,

@@ -22,6 +22,7 @@ from modalforge.data.loader import ResumableDataLoader
 from modalforge.data.mixture import MixedStream
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
+from modalforge.progress import preparing
 from modalforge.plugins.text.causal_lm.streaming import PackedShardStream
 from modalforge.plugins.text.causal_lm.synthetic import write_corpus
 
@@ -139,15 +140,20 @@ class CausalLMDataModule(SourcedDataModule):
 
     def _blocks(self, texts: list[str], what: str) -> BlockDataset:
         tokenizer = self.processor
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        long_docs = sum(len(x) > self.block_size for x in ids)
-        blocks, dropped = pack_blocks(ids, self.block_size, tokenizer.eos_token_id)
-        if blocks.shape[0] == 0:
-            total = sum(len(x) for x in ids)
-            raise DataError(f"{what}: {len(texts)} documents give {total} tokens, fewer than one block of "
-                            f"data.block_size={self.block_size}; add data or lower data.block_size")
-        log.info("%s: %d documents -> %d blocks of %d tokens (%d documents span several blocks, %d tail tokens dropped)",
-                 what, len(texts), blocks.shape[0], self.block_size, long_docs, dropped)
+        ids: list[list[int]] = []
+        with preparing(f"{what}: tokenising", total=len(texts), unit="document") as progress:
+            for start in range(0, len(texts), 1000):  # in chunks, for the bar: the same ids as one call
+                chunk = texts[start:start + 1000]
+                ids += tokenizer(chunk, add_special_tokens=False)["input_ids"]
+                progress.update(len(chunk))
+            long_docs = sum(len(x) > self.block_size for x in ids)
+            blocks, dropped = pack_blocks(ids, self.block_size, tokenizer.eos_token_id)
+            if blocks.shape[0] == 0:
+                total = sum(len(x) for x in ids)
+                raise DataError(f"{what}: {len(texts)} documents give {total} tokens, fewer than one block of "
+                                f"data.block_size={self.block_size}; add data or lower data.block_size")
+            progress.summary = (f"{len(texts)} documents -> {blocks.shape[0]} blocks of {self.block_size} tokens "
+                                f"({long_docs} documents span several blocks, {dropped} tail tokens dropped)")
         return BlockDataset(blocks)
 
     # ---- loaders ----------------------------------------------------------------------

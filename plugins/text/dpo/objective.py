@@ -27,6 +27,7 @@ from modalforge.data.cache import cache_root, write_atomic
 from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.losses import token_logprobs
+from modalforge.progress import preparing
 from modalforge.text.models import block_classes_for
 from modalforge.text.generate import answer
 from modalforge.text.stops import set_generation_stops
@@ -276,7 +277,9 @@ class DPOObjective(ModelObjective):
         self.model.eval()
         table = {}
         device = next(self.model.parameters()).device
-        with torch.no_grad():
+        total = sum(len(dataset) for dataset in reference_sets.values())
+        with preparing("dpo: reference log-probs of the initial policy", total=total, unit="example",
+                       cached_in=path.parent) as progress, torch.no_grad():
             for split, dataset in reference_sets.items():
                 rows = []
                 for start in range(0, len(dataset), dm.batch_size):
@@ -285,6 +288,7 @@ class DPOObjective(ModelObjective):
                     tokens, mask, _ = token_logps(self.model, batch, impl=self.loss_impl)
                     logps = losses.length_desensitised(tokens, mask.to(tokens.dtype), self.ld_alpha).cpu()
                     rows.append(torch.stack(logps.chunk(2), dim=1))
+                    progress.update(len(items))
                 table[split] = torch.cat(rows)
         self.model.train(was_training)
         write_atomic(path, lambda tmp: torch.save(table, tmp))  # two runs at once: no torn file

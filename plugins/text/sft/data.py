@@ -13,7 +13,7 @@ padding share with and without packing is logged either way.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -23,6 +23,7 @@ from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
 from modalforge.data.readers import Record, read_records
+from modalforge.progress import preparing
 from modalforge.text.formats import (Message, check_messages, fold_system, is_oasst_row, record_tools,
                                                   resolve_format, split_prompt, to_messages, train_flags)
 from modalforge.text.mapping import check_mapping, map_record, mapping_for
@@ -168,7 +169,7 @@ class SFTDataModule(SourcedDataModule):
                                          [m for m, *_ in train_items if not isinstance(m, Tokenized)],
                                          self.vocab_size, self.cache_dir)
 
-    def _tokenize(self, conversations: list[Item], what: str) -> list[Tokenized]:
+    def _tokenize(self, conversations: Iterable[Item], what: str) -> list[Tokenized]:
         examples, dropped = [], []
         for messages, where, tools, learn in conversations:
             if isinstance(messages, Tokenized):
@@ -199,16 +200,17 @@ class SFTDataModule(SourcedDataModule):
         return examples
 
     def build(self, items: list[Item], what: str) -> Rows:
-        examples = self._tokenize(items, what)
-        packed = pack_first_fit(examples, self.max_length)
-        if what.startswith("data.train"):
-            self.stats = {
-                "padding_share_unpacked": padding_share([len(e) for e in examples], self.batch_size),
-                "padding_share_packed": padding_share([sum(len(e) for e in r) for r in packed], self.batch_size),
-            }
-            log.info("sft %s: %d examples -> %d packed rows; padding share %.1f%% packed vs %.1f%% unpacked", what,
-                     len(examples), len(packed), 100 * self.stats["padding_share_packed"],
-                     100 * self.stats["padding_share_unpacked"])
+        with preparing(f"sft {what}: tokenising", total=len(items), unit="conversation") as progress:
+            examples = self._tokenize(progress.track(items), what)
+            packed = pack_first_fit(examples, self.max_length)
+            progress.summary = f"{len(examples)} examples -> {len(packed)} packed rows"
+            if what.startswith("data.train"):
+                self.stats = {
+                    "padding_share_unpacked": padding_share([len(e) for e in examples], self.batch_size),
+                    "padding_share_packed": padding_share([sum(len(e) for e in r) for r in packed], self.batch_size),
+                }
+                progress.summary += (f"; padding share {100 * self.stats['padding_share_packed']:.1f}% packed vs "
+                                     f"{100 * self.stats['padding_share_unpacked']:.1f}% unpacked")
         return Rows(packed if self.packing else [[e] for e in examples])
 
     def collate(self, rows: list[list[Tokenized]]) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from modalforge.data.workers import Workers
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.synthetic.shapes import write_shapes
 from modalforge.data.verify import verify_media
+from modalforge.progress import preparing
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -267,11 +268,13 @@ class DiffusionDataModule(SourcedDataModule):
 
         def build(tmp: Path) -> None:
             chunks = []
-            with torch.no_grad():
+            with preparing("diffusion: encoding the training images to latents", total=len(images), unit="image",
+                           cached_in=folder.parent) as progress, torch.no_grad():
                 for start in range(0, len(images), batch_size):
                     pixels = torch.stack([images[i][0] for i in range(start, min(start + batch_size, len(images)))])
                     chunks.append(encode(pixels).float().cpu())
-            torch.save(torch.cat(chunks), tmp / "latents.pt")
+                    progress.update(len(pixels))
+                torch.save(torch.cat(chunks), tmp / "latents.pt")
 
         path = ensure_built(folder, build) / "latents.pt"
         self.train_set = LatentItems(torch.load(path, map_location="cpu", weights_only=True), images)

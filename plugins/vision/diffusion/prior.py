@@ -18,6 +18,7 @@ import torch
 from modalforge.errors import ModalforgeError
 from modalforge.plugins.vision.diffusion.data import IMAGE_SUFFIXES, ImageItems, Item, build_transform
 from modalforge.data.images import ImageRef
+from modalforge.progress import preparing
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,15 @@ def ensure_class_images(folder: str | Path, count: int, generate: Callable[[int]
     missing = count - len(files)
     if missing > 0:
         folder.mkdir(parents=True, exist_ok=True)
-        log.info("diffusion: generating %d class images with the base model into %s", missing, folder)
         start = len(files)
-        while missing > 0:
-            n = min(batch_size, missing)
-            for i, image in enumerate(generate(n)):
-                save_image(image.float().cpu(), str(folder / f"class_{start + i:05d}.png"))
-            start, missing = start + n, missing - n
+        with preparing("diffusion: generating class images with the base model", total=missing, unit="image",
+                       cached_in=folder) as progress:
+            while missing > 0:
+                n = min(batch_size, missing)
+                for i, image in enumerate(generate(n)):
+                    save_image(image.float().cpu(), str(folder / f"class_{start + i:05d}.png"))
+                start, missing = start + n, missing - n
+                progress.update(n)
         files = class_image_files(folder)
     return files[:count]
 
