@@ -53,4 +53,18 @@ def expand_paths(spec: str | Sequence[str] | None, *, what: str = "data.train",
                 files.append(pattern)
             else:
                 raise DataError(f"{what}: no file matches '{pattern}'")
+    _refuse_repeated(files, what)
     return files
+
+
+def _refuse_repeated(files: list[str], what: str) -> None:
+    """One file named twice (``a.jsonl`` and ``*.jsonl``, a folder and a file in it) would be read twice,
+    silently doubling its weight: an error, with the way to weight a source on purpose."""
+    seen: dict[str, str] = {}
+    for file in files:
+        real = os.path.realpath(file)
+        if real in seen:
+            raise DataError(f"{what}: '{file}' is named twice (also as '{seen[real]}'), so it would be read twice",
+                            source=file, hint="name each file once; to weight a source use a mixture, "
+                                              "[{path: a.jsonl, weight: 2}, {path: b.jsonl}]")
+        seen[real] = file

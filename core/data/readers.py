@@ -4,6 +4,16 @@ Formats: ``.txt``, ``.jsonl`` (``.gz`` too), ``.json``, ``.parquet``, ``.csv``,
 webdataset ``.tar`` shards, and Hugging Face ``datasets`` (``hf:<name>[:split]``
 or a ``save_to_disk`` folder). Every record carries its file and line (or row,
 or shard key) so a bad one is reported where the user can fix it.
+
+Empty values / truncated media / duplicates / mixed types: the readers pass values on as
+they are and leave the judging to the plugin, which knows the field (:func:`require_fields`,
+:func:`require_text`, :func:`optional_text`). Blank lines of ``.jsonl`` and ``.txt`` (line mode)
+are skipped; ``null`` stays ``None``; a CSV has no null, so an empty cell is ``""``. A cut file is
+a ``DataError``: invalid JSON at its line, an unterminated CSV quote, a parquet file after the
+rows it could read, a tar shard cut inside a member (or holding one member name twice).
+Repeated records are all yielded (:mod:`~modalforge.data.duplicates` counts them); one file named
+twice in a spec (``a.jsonl`` and ``*.jsonl``) is a ``DataError``. Types are JSON's and parquet's
+own, per record (an ``int`` on one line and a ``str`` on the next stay so); CSV gives strings only.
 """
 
 from __future__ import annotations
@@ -223,6 +233,49 @@ def require_fields(record: Record, fields: Mapping[str, type | tuple[type, ...]]
         if not isinstance(record.data[name], expected):
             raise DataError(f"field '{name}' is {type(record.data[name]).__name__}, expected {_type_names(expected)}",
                             source=record.source, location=record.location)
+
+
+def require_text(record: Record, name: str, what: str = "value") -> str:
+    """The string field ``name``, stripped; missing, not a string, or empty / whitespace-only is a ``DataError``.
+
+    For fields whose emptiness is always a mistake (a caption, a label, a file path): CSV has no
+    null, so an empty cell arrives as ``""`` and would otherwise be trained, or resolve to a folder."""
+    require_fields(record, {name: str})
+    text = record.data[name].strip()
+    if not text:
+        raise DataError(f"field '{name}' is empty (expected {what})", source=record.source, location=record.location)
+    return text
+
+
+def optional_text(record: Record, name: str) -> str | None:
+    """The string field ``name``, stripped, or ``None`` when absent, null or empty (a CSV's empty cell).
+
+    Any other type is a ``DataError``: a number where text belongs is a column mix-up, not a caption."""
+    value = record.data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"field '{name}' is {type(value).__name__} {value!r}, expected a string", source=record.source,
+                        location=record.location)
+    return value.strip() or None
+
+
+def label_text(record: Record, name: str, *, required: bool) -> str | None:
+    """A class label as text: a string (stripped) or an integer (``1`` and ``"1"`` are one class).
+
+    ``None``, or blank (a CSV's empty cell), is "no label": an error when ``required``. A boolean or
+    a float is an error: ``True`` would become a class named "True", ``1.0`` another than ``1``."""
+    value = record.data.get(name)
+    if value is None and required:
+        require_fields(record, {name: (str, int)})  # its "missing field" message, keys present listed
+    if isinstance(value, bool) or not isinstance(value, (str, int, type(None))):
+        raise DataError(f"field '{name}' is {type(value).__name__} {value!r}, expected a string or an integer",
+                        source=record.source, location=record.location)
+    text = None if value is None else str(value).strip() or None
+    if text is None and required:
+        raise DataError(f"field '{name}' is empty (expected a class label)", source=record.source,
+                        location=record.location)
+    return text
 
 
 def count_or_fail(records: list[Record], spec: Any, what: str = "data.train") -> list[Record]:

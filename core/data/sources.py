@@ -10,6 +10,12 @@
 ``data.val`` may be one spec (one set, logged as ``val/...``), or a mapping
 ``{name: spec}`` / a list of ``{name:, path:}``: several sets, each logged as
 ``val/<name>/...``.
+
+Empty values / truncated media / duplicates / mixed types: sources read no records (the readers
+and plugins judge those). An empty ``data.train`` string is an error; two sources or validation
+sets under one name are an error; one file in two sources is allowed (each source is read on its
+own: that is how a mixture weights it), while one file named twice inside a source is an error
+(:func:`~modalforge.data.paths.expand_paths`). A weight that is not a number > 0 is an error.
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ optimises one rollout over several steps (``num_iterations`` x ``steps_per_gener
 so the sampler yields each prompt batch that many times in a row (``repeat``, set by the
 objective when it connects); resuming skips exactly the batches already trained, repeats
 included, and the objective's checkpointed buffer says which minibatch comes next.
+
+Empty values / truncated media / duplicates / mixed types: a missing, ``null`` or blank prompt
+(a string, or messages that are all blank) is an error naming file and line, as is a number or
+a message with an unknown role or non-text content. A prompt may be a string on one line and
+messages on the next. A repeated prompt is kept and counted (one warning per source). The other
+fields (``answer``...) reach the rewards as read: ``1`` and ``"1"`` stay what they are (the built-in
+``exact_match`` compares numerically). No media.
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from modalforge.data.cache import cache_root, ensure_built
+from modalforge.data.duplicates import report_repeats
 from modalforge.data.errors import DataError
 from modalforge.data.loader import ResumableDataLoader, ResumableSampler
 from modalforge.data.readers import Record, read_records
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
 from modalforge.progress import preparing
-from modalforge.text.formats import Message
+from modalforge.text.formats import Message, check_messages
 from modalforge.text.synthetic import OPS
 from modalforge.text.tokenize import tokenize_prompt
 from modalforge.text.tokenizer import build_tokenizer
@@ -174,7 +182,10 @@ class PromptDataModule(SourcedDataModule):
                 raise DataError(f"empty {self.prompt_field!r}", source=record.source, location=record.location)
             messages = [{"role": "user", "content": prompt}]
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
-            messages = [dict(m) for m in prompt]
+            messages = check_messages([dict(m) for m in prompt], record, need_assistant=False, field=self.prompt_field)
+            if not any(str(m.get("content") or "").strip() for m in messages):
+                raise DataError(f"empty {self.prompt_field!r}: every message is blank", source=record.source,
+                                location=record.location)
         else:
             raise DataError(f"{self.prompt_field!r} must be a non-empty string or a list of {{'role', 'content'}} "
                             f"messages, got {type(prompt).__name__}", source=record.source, location=record.location)
@@ -185,6 +196,8 @@ class PromptDataModule(SourcedDataModule):
         rows = [self.parse(r) for r in read_records(spec, what=what)]
         if not rows:
             raise DataError(f"{what}: no prompts in {spec!r}")
+        report_repeats(((json.dumps(r["messages"], sort_keys=True, default=str), r["where"]) for r in rows), what=what,
+                       kind="prompt", note="a repeated prompt is sampled more often")
         return rows
 
     def _tokenize(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

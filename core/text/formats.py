@@ -13,6 +13,13 @@ Detected per record (or forced with ``data.format=``):
 
 A record that fits two formats is an error, not a guess. A message may carry ``train: false``
 or ``weight: 0`` (axolotl's per-message flags): :func:`train_flags` reads them.
+
+Empty values / truncated media / duplicates / mixed types: ``null`` where text belongs, and a
+blank answer (a completion, an output, an assistant turn without tool calls, unless masked), are
+errors naming the record; a blank prompt or user turn is kept (a completion from nothing is a
+record some datasets mean). No media here. Repeated records are kept (the data modules count them).
+A number where text belongs (a prompt, a content, a ShareGPT value) is an error, never ``str()``'d:
+it is almost always a column mix-up.
 """
 
 from __future__ import annotations
@@ -132,6 +139,10 @@ def check_messages(messages: list[Message], record: Record, *, need_assistant: b
                             source=record.source, location=record.location)
         if isinstance(content, list):
             message = {**message, "content": text_of_parts(content, record, f"{field}[{i}]")}
+        if _empty_answer(message):
+            raise DataError(f"{field}[{i}] (assistant) is empty: it would teach the model to answer nothing",
+                            source=record.source, location=record.location,
+                            hint="fill it in, drop the record, or mask the turn with train: false")
         if message.get("tool_calls"):
             message = {**message, "tool_calls": [_parse_arguments(c, record, f"{field}[{i}]")
                                                  for c in message["tool_calls"]]}
@@ -140,6 +151,14 @@ def check_messages(messages: list[Message], record: Record, *, need_assistant: b
         raise DataError(f"{field}: the conversation has no assistant message to learn from",
                         source=record.source, location=record.location)
     return messages
+
+
+def _empty_answer(message: Message) -> bool:
+    """A learned assistant turn with blank text and no tool calls (masked turns may be blank)."""
+    if message["role"] != "assistant" or message.get("tool_calls") or message.get("train") is False \
+            or message.get("weight") == 0:
+        return False
+    return isinstance(message.get("content"), str) and not message["content"].strip()
 
 
 def text_of_parts(parts: list[Any], record: Record, field: str) -> str:

@@ -7,6 +7,14 @@ tree; ``all`` gives one conversation per leaf. A conversation ends on an assista
 message (a trailing prompter message has no answer to learn). Deleted messages, and
 those that failed review, are left out with their replies. Rows of the Hub layout
 (one message per row, ``parent_id`` pointing up) are first joined into trees.
+
+Empty values / truncated media / duplicates / mixed types: a message without text (``null``, or
+a number) is an error; a blank assistant message is one too, once the path is checked
+(:func:`~modalforge.text.formats.check_messages`). A message id that appears twice, in rows or
+inside one tree, is an error naming it (a join by id would keep one of the two silently). Ids
+are compared as they are: ``1`` and ``"1"`` differ, and a reply whose parent exists only under
+the other type is an error saying so. Rows that never reach a root (a ``parent_id`` cycle) are an
+error, not dropped. No media here.
 """
 
 from __future__ import annotations
@@ -63,9 +71,24 @@ def tree_paths(root: dict[str, Any], record: Record, paths: Paths = "best") -> l
         for reply in replies:
             walk(reply, here)
 
+    _refuse_repeated_ids(root, record)
     if _kept(root):
         walk(root, [])
     return out
+
+
+def _refuse_repeated_ids(root: dict[str, Any], record: Record) -> None:
+    """Two messages of one tree with one id: the export is corrupt (or a reply was pasted twice)."""
+    seen: set[Any] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        key = node.get("message_id")
+        if key is not None and key in seen:
+            raise DataError(f"OASST message id {key!r} appears twice in this tree", source=record.source,
+                            location=record.location)
+        seen.add(key)
+        stack += [r for r in node.get("replies") or [] if isinstance(r, dict)]
 
 
 def join_rows(rows: list[Record]) -> list[tuple[dict[str, Any], Record]]:
@@ -86,6 +109,24 @@ def join_rows(rows: list[Record]) -> list[tuple[dict[str, Any], Record]]:
         elif parent in by_id:
             by_id[parent]["replies"].append(node)
         else:
+            other = next((k for k in by_id if str(k) == str(parent)), None)
             raise DataError(f"OASST message {row.data['message_id']!r} replies to {parent!r}, which is not in this "
-                            "source (a tree split across files?)", source=row.source, location=row.location)
+                            "source (a tree split across files?)", source=row.source, location=row.location,
+                            hint=None if other is None else f"there is a message {other!r}: ids of one type "
+                                                            "({type(other).__name__}) throughout, please")
+    _refuse_unrooted(rows, roots)
     return roots
+
+
+def _refuse_unrooted(rows: list[Record], roots: list[tuple[dict[str, Any], Record]]) -> None:
+    """Rows never reached from a root (``parent_id`` cycles) would be dropped without a word."""
+    reached: set[Any] = set()
+    stack = [node for node, _ in roots]
+    while stack:
+        node = stack.pop()
+        reached.add(node["message_id"])
+        stack += node["replies"]
+    lost = next((row for row in rows if row.data["message_id"] not in reached), None)
+    if lost is not None:
+        raise DataError(f"OASST message {lost.data['message_id']!r} never reaches a message whose parent_id is "
+                        "null (a parent_id cycle)", source=lost.source, location=lost.location)

@@ -6,10 +6,16 @@ preference formats are read as they are (:mod:`~modalforge.text.preferences`:
 UltraFeedback's shared turns, HH-RLHF's implicit prompt, SHP, ranked lists), after
 ``data.columns`` / ``data.roles`` mapped their fields. Chosen and rejected are collated
 into one batch so the policy sees them in a single forward.
+
+Empty values / truncated media / duplicates / mixed types: as :mod:`~modalforge.text.preferences`
+says for pairs; a KTO record needs a non-blank completion and a ``label`` that is a boolean or 0/1
+(a 2, or ``"false"``, is an error). A pair repeated, or contradicted (the same prompt with chosen
+and rejected swapped; annotators disagree), is kept: one warning per source counts each.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from typing import Any, Iterable, Literal
@@ -20,6 +26,7 @@ from torch.utils.data import Dataset
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.duplicates import report_repeats
 from modalforge.data.workers import Workers
 from modalforge.progress import preparing
 from modalforge.data.readers import Record, read_records, require_fields
@@ -168,7 +175,22 @@ class PreferenceDataModule(SourcedDataModule):
         items = [item for record in read_records(spec, what=what) for item in self._parse_all(record, *mapping)]
         if not items:
             raise DataError(f"{what}: no records in {spec!r}")
+        self._report_repeats(items, what)
         return items
+
+    def _report_repeats(self, items: list[dict[str, Any]], what: str) -> None:
+        """Repeated pairs, and pairs another record contradicts, counted in one warning each."""
+        keys = ("chosen", "rejected") if self.kind == "pairs" else ("completion", "label")
+        key = lambda item, order=keys: json.dumps([item["prompt"], *(item[k] for k in order)], sort_keys=True)  # noqa: E731
+        report_repeats(((key(it), it["where"]) for it in items), what=what, kind="example",
+                       note="repeats weigh more; deduplicate upstream if unwanted")
+        if self.kind == "pairs":
+            chosen = {key(it): it["where"] for it in items}
+            swapped = [(it["where"], chosen[key(it, ("rejected", "chosen"))]) for it in items
+                       if key(it, ("rejected", "chosen")) in chosen]
+            if swapped:
+                log.warning("%s: %d pair(s) are contradicted by another with chosen and rejected swapped, kept "
+                            "(first: %s against %s)", what, len(swapped), *swapped[0])
 
     def _parse_all(self, record: Record, columns: dict[str, str] | None = None,
                    roles: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -182,6 +204,9 @@ class PreferenceDataModule(SourcedDataModule):
 
     def _kto(self, record: Record) -> dict[str, Any]:
         require_fields(record, {"prompt": (str, list), "completion": (str, list), "label": (bool, int)})
+        if record.data["label"] not in (0, 1):
+            raise DataError(f"KTO 'label' is {record.data['label']!r}, expected true/false (or 1/0)",
+                            source=record.source, location=record.location)
         return {"prompt": _messages(record, "prompt", "user"),
                 "completion": _messages(record, "completion", "assistant"),
                 "label": bool(record.data["label"]), "where": record.where(), "tools": record_tools(record)}

@@ -16,6 +16,13 @@ Formats (detected per record by their fields; two at once is an error):
 
 A completion never contains a user turn: a pair whose conversations part before the last
 user turn is refused rather than trained on the user's words.
+
+Empty values / truncated media / duplicates / mixed types: a ``null`` or blank completion
+(chosen, rejected, a response) is an error naming the record; a blank prompt is kept. A pair whose
+chosen and rejected are the same (in any format, ranked ties included) is an error: there is no
+preference to learn. Repeated and contradicting pairs across records are kept and counted by
+:class:`~modalforge.text.preference_data.PreferenceDataModule`. A number where text belongs is an
+error; SHP's ``labels`` must be 0/1 and scores/ranks numbers. No media here.
 """
 
 from __future__ import annotations
@@ -196,8 +203,9 @@ def preference_pairs(record: Record, ranked_pairs: RankedPairs = "best_worst") -
     if ranked_pairs not in ("best_worst", "all"):
         raise DataError(f"data.ranked_pairs={ranked_pairs!r} is not one of: best_worst, all")
     fmt = preference_format(record)
-    if fmt == "shp":
-        return _shp(record)
-    if fmt == "ranked":
-        return _ranked(record, ranked_pairs)
-    return _pairs(record)
+    pairs = _shp(record) if fmt == "shp" else _ranked(record, ranked_pairs) if fmt == "ranked" else _pairs(record)
+    for _, chosen, rejected in pairs:
+        if chosen == rejected:
+            raise _fail(record, "chosen and rejected are the same completion: no preference to learn",
+                        "drop the record, or give it two different completions")
+    return pairs

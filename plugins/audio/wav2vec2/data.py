@@ -3,6 +3,12 @@
 No transcripts: clips are cropped at random to ``max_seconds`` and grouped into
 batches of similar length (sorted within shuffled mega-batches, as fairseq does)
 so little compute goes to padding. Wav2Vec2's feature extractor normalises and pads.
+
+Empty values / truncated media / duplicates / mixed types: a blank audio path is an error naming
+file and line; an unreadable or empty clip stops the run naming the file; a clip shorter than
+``data.min_seconds`` is skipped and counted. A WAV shorter than its header declares is a warning
+naming the file, and what is there is trained. A clip listed twice is kept and counted in one
+warning. An audio path that is not a string is an error.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from modalforge.data.images import resolve_image_path
 from modalforge.data.loader import ResumableDataLoader
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
-from modalforge.data.readers import Record, read_records, require_fields
+from modalforge.data.duplicates import report_repeats
+from modalforge.data.readers import Record, read_records, require_text
 from modalforge.data.synthetic.tones import write_tones
 
 SAMPLE_RATE = 16000
@@ -94,6 +101,8 @@ class Wav2Vec2DataModule(SourcedDataModule):
             clips = [self.parse(record) for record in read_records(spec, what=what)]
         if not clips:
             raise DataError(f"{what}: no audio found in {spec!r}")
+        report_repeats(((c.path or c.where, c.where or c.describe()) for c in clips), what=what, kind="clip",
+                       note="each copy is trained")
         return clips
 
     def parse(self, record: Record) -> AudioRef:
@@ -103,8 +112,8 @@ class Wav2Vec2DataModule(SourcedDataModule):
                 raise DataError("shard sample has no audio (flac/wav/ogg)", source=record.source,
                                 location=record.location)
             return ref
-        require_fields(record, {self.audio_field: str})
-        return AudioRef(path=resolve_image_path(record.data[self.audio_field], record.source), where=record.where())
+        path = require_text(record, self.audio_field, "an audio path")
+        return AudioRef(path=resolve_image_path(path, record.source), where=record.where())
 
     def fit(self, train_items: list[AudioRef]) -> None:
         from transformers import Wav2Vec2FeatureExtractor

@@ -9,6 +9,13 @@ What the reader refuses, naming file and line: an empty transcript (an empty tar
 model to say nothing), and a WAV file shorter than its header declares (libsndfile reads such a
 file as a shorter clip, silently). The header pass (``data.verify``) finds a cut WAV before
 training and, with ``data.skip_bad=true``, skips and counts it; met while training it stops the run.
+
+Empty values / truncated media / duplicates / mixed types: a blank transcript or audio path is an
+error naming file and line; a blank ``language`` is the default one. A cut WAV, or an unreadable or
+empty clip, is found by the header pass and stops the run naming the file (``data.skip_bad=true``:
+skipped, counted). A clip listed twice with the same transcript is kept and counted in one warning;
+with two different transcripts it is an error naming both lines. A transcript or language that is
+not a string is an error.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from modalforge.data.errors import DataError
 from modalforge.data.images import resolve_image_path
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
-from modalforge.data.readers import Record, require_fields
+from modalforge.data.duplicates import refuse_conflicts, report_repeats
+from modalforge.data.readers import Record, optional_text, require_fields, require_text
 from modalforge.data.synthetic.tones import write_tones
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
 from modalforge.data.verify import verify_media
@@ -103,9 +111,11 @@ def utterance_from_record(record: Record, audio_field: str, text_field: str, def
                             source=record.source, location=record.location)
         meta = record.data.get("json") if isinstance(record.data.get("json"), dict) else {}
         return Utterance(ref, _transcript(text, record), meta.get("language", default_language))
-    require_fields(record, {audio_field: str, text_field: str})
-    ref = AudioRef(path=resolve_image_path(record.data[audio_field], record.source), where=record.where())
-    return Utterance(ref, _transcript(record.data[text_field], record), record.data.get("language") or default_language)
+    path = require_text(record, audio_field, "an audio path")
+    require_fields(record, {text_field: str})
+    ref = AudioRef(path=resolve_image_path(path, record.source), where=record.where())
+    return Utterance(ref, _transcript(record.data[text_field], record),
+                     optional_text(record, "language") or default_language)
 
 
 class Utterances(Dataset):
@@ -173,6 +183,10 @@ class WhisperASRDataModule(SourcedDataModule):
 
     def read(self, spec: Any, what: str) -> list[Utterance]:
         items = super().read(spec, what)
+        refuse_conflicts(((u.audio.path, u.text, u.audio.where) for u in items if u.audio.path is not None),
+                         key_name="audio", value_name="transcript", hint="give each clip one transcript")
+        report_repeats(((u.audio.path or u.audio.where, u.audio.where) for u in items), what=what, kind="clip",
+                       note="each copy is trained")
         return verify_media(items, lambda u: clip_problem(u.audio), lambda u: u.audio.describe(), what=what,
                             verify=self.verify, skip_bad=self.skip_bad, kind="audio clip")
 

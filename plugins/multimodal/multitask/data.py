@@ -6,6 +6,9 @@ collation); this module only decides *which task's batch comes next*. An epoch i
 examples are walked in a fresh permutation; the order is a function of (seed,
 epoch), so ``ResumableDataLoader`` resumes it exactly. Batches are formed here
 (one item = one whole batch of one task) with each task's own ``collate_fn``.
+
+Empty values / truncated media / duplicates / mixed types: nothing of its own; each task's
+records are read, checked and counted by that task's DataModule, as its plugin documents.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ kept apart by position ids that restart at each sample (or the chat code's block
 
 The processor (tokenizer with the image token, CLIP-style image processor, patch size) is a
 ``transformers`` ``LlavaProcessor``, saved with the model, so ``AutoProcessor`` loads ``final/``.
+
+Empty values / truncated media / duplicates / mixed types: as :mod:`.formats` says (blank captions
+and answers, non-string texts and missing image files are errors naming the record); a cut or
+unreadable image stops the run when opened, naming the record and the file (no header pass, no
+``skip_bad`` here). Repeated records are kept.
 """
 
 from __future__ import annotations

@@ -15,6 +15,12 @@ Detected per record (or forced with ``data.format=``):
 Chats learn from assistant turns only (``data.train_on``); documents and captions from all their
 text. Image references are paths relative to the record's file, ``data:`` URLs, bytes, or, in a
 webdataset shard, the name of one of the sample's files (``"0.png"``; a lone image may be implicit).
+
+Empty values / truncated media / duplicates / mixed types: a blank caption, a blank assistant turn
+and an empty image reference are errors naming the record; so is a text (a content part, a
+document sentence) that is not a string, never ``str()``'d (``None`` would train the word "None").
+A missing image file is an error at read time; a cut or unreadable one when it is opened, naming
+the record and the file. Repeated records and images are kept as they are.
 """
 
 from __future__ import annotations
@@ -131,7 +137,7 @@ def _messages(record: Record, placeholder: str) -> tuple[list[Message], list[Ima
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
-                    pieces.append(str(part.get("text", "")))
+                    pieces.append(_text(part.get("text"), record, f"message {i} text part"))
                 elif kind == "image":
                     typed_parts += 1
                     pieces.append(placeholder)
@@ -154,7 +160,7 @@ def _messages(record: Record, placeholder: str) -> tuple[list[Message], list[Ima
 def _document(record: Record, placeholder: str) -> tuple[str, list[ImageRef]]:
     data = record.data
     if "text_list" in data:  # MMC4
-        texts = [str(t) for t in data["text_list"]]
+        texts = [_text(t, record, f"text_list[{j}]") for j, t in enumerate(data["text_list"])]
         before: dict[int, list[Any]] = {}
         for info in data.get("image_info") or []:
             index = info.get("matched_text_index")
@@ -180,8 +186,14 @@ def _document(record: Record, placeholder: str) -> tuple[str, list[ImageRef]]:
             pieces.append(placeholder)
             images.append(image_ref(ref, record))
         else:
-            pieces.append(str(text))
+            pieces.append(_text(text, record, "a 'texts' entry"))
     return " ".join(pieces), images
+
+
+def _text(value: Any, record: Record, what: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(record, f"{what} is {type(value).__name__} {value!r}, expected a string")
+    return value
 
 
 def parse_record(record: Record, fmt: str | None, placeholder: str) -> Sample:
@@ -205,7 +217,9 @@ def parse_record(record: Record, fmt: str | None, placeholder: str) -> Sample:
         elif fmt == "document":
             sample.text, sample.images = _document(record, placeholder)
         else:
-            caption = next(record.data[k] for k in CAPTION_KEYS if isinstance(record.data.get(k), str))
+            caption = next(record.data[k] for k in CAPTION_KEYS if isinstance(record.data.get(k), str)).strip()
+            if not caption:
+                raise _fail(record, "the caption is empty: nothing to learn")
             sample.text, sample.caption = placeholder + caption, caption
             sample.images = [image_ref(v, record) for v in _image_list(record, record.data.get("image"))][:1]
     except KeyError as err:
@@ -229,6 +243,10 @@ def check_sample(sample: Sample, placeholder: str) -> None:
                            "each image needs exactly one placeholder where it goes in the text")
     if sample.messages is not None and not any(m["role"] == "assistant" for m in sample.messages):
         raise sample.error("the conversation has no assistant message to learn from")
+    blank = next((i for i, m in enumerate(sample.messages or []) if m["role"] == "assistant"
+                  and not m.get("tool_calls") and not str(m.get("content") or "").strip()), None)
+    if blank is not None:
+        raise sample.error(f"message {blank} (assistant) is empty: it would teach the model to answer nothing")
     for ref in sample.images:
         if ref.path is not None and not Path(ref.path).is_file():
             raise sample.error(f"image file not found: {ref.path}")

@@ -4,6 +4,12 @@ Documents are tokenised, each followed by EOS, concatenated, and cut into
 ``block_size`` token rows (the GPT-2 / nanoGPT recipe). A document longer than a
 block simply continues in the next row; the tail shorter than one block is dropped
 and its size reported. Nothing is padded, so every token trains.
+
+Empty values / truncated media / duplicates / mixed types: a blank document (``""``, whitespace,
+an empty ``.txt`` file) is skipped, counted in one warning per source (web corpora hold many; each
+would train a lone EOS); a missing or ``null`` text is an error naming file and line. A repeated
+document is kept and counted (deduplicate upstream). A text field that is not a string (a number,
+a list) is an error, never ``str()``'d. No media.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.duplicates import report_repeats
 from modalforge.data.workers import Workers
 from modalforge.data.loader import ResumableDataLoader
 from modalforge.data.mixture import MixedStream
@@ -98,10 +105,19 @@ class CausalLMDataModule(SourcedDataModule):
         return str(folder / "train.jsonl"), str(folder / "val.jsonl")
 
     def read(self, spec: Any, what: str) -> list[str]:
-        texts = [self.parse(record) for record in read_records(spec, what=what, txt_mode=self.txt_mode,
-                                                               text_field=self.text_field)]
+        texts, wheres, blank = [], [], []
+        for record in read_records(spec, what=what, txt_mode=self.txt_mode, text_field=self.text_field):
+            text = self.parse(record)
+            if text.strip():
+                texts.append(text)
+                wheres.append(record.where())
+            else:
+                blank.append(record.where())
+        if blank:
+            log.warning("%s: %d blank document(s) skipped (first: %s)", what, len(blank), blank[0])
         if not texts:
-            raise DataError(f"{what}: no documents found in {spec!r}")
+            raise DataError(f"{what}: no documents found in {spec!r}" + (" (every one is blank)" if blank else ""))
+        report_repeats(zip(texts, wheres), what=what, kind="document", note="deduplicate upstream if unwanted")
         return texts
 
     def parse(self, record: Record) -> str:

@@ -8,10 +8,17 @@ assistant tokens are learned (``data.train_on=all`` learns everything; a message
 ``labels`` / ``attention_mask`` when given) are used as they are. With
 ``data.packing=true`` short examples share rows without seeing each other; the
 padding share with and without packing is logged either way.
+
+Empty values / truncated media / duplicates / mixed types: ``null`` or a blank answer (completion,
+output, an unmasked assistant turn) is an error naming file and line; a blank prompt is kept. A
+repeated conversation is kept and counted (one warning per source); OASST message ids twice, or
+``parent_id`` cycles, are errors. A number where text belongs is an error, never ``str()``'d;
+``input_ids`` must be integers. No media.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Iterable, Literal
 
@@ -21,6 +28,7 @@ from torch.utils.data import Dataset
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
+from modalforge.data.duplicates import report_repeats
 from modalforge.data.workers import Workers
 from modalforge.data.readers import Record, read_records
 from modalforge.progress import preparing
@@ -159,6 +167,8 @@ class SFTDataModule(SourcedDataModule):
             items += [self._item(p, record, check=True) for p in tree_paths(root, record, self.oasst_paths)]
         if not items:
             raise DataError(f"{what}: no conversations in {spec!r}")
+        report_repeats(((_item_key(item), item[1]) for item in items), what=what, kind="conversation",
+                       note="repeats weigh more; deduplicate upstream if unwanted")
         return items
 
     def fit(self, train_items: list[Item]) -> None:
@@ -225,6 +235,13 @@ class SFTDataModule(SourcedDataModule):
 
     def sample_inputs(self, n: int) -> list[list[Message]]:
         return [split_prompt(m)[0] for m, *_ in self.first_val_items() if not isinstance(m, Tokenized)][:n]
+
+
+def _item_key(item: Item) -> str:
+    """What makes two parsed records the same example: their messages (or tokens) and tools."""
+    content, _, tools, learn = item
+    body = [content.input_ids, content.labels] if isinstance(content, Tokenized) else content
+    return json.dumps([body, tools, learn], sort_keys=True, default=str)
 
 
 def _ints(value: Any, field: str, record: Record) -> list[int]:

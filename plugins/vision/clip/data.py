@@ -5,6 +5,14 @@ caption, optional label for zero-shot evaluation), or LAION/DataComp-style shard
 (``jpg``/``png`` + ``txt``), read up front or, with ``data.streaming=true``, streamed
 and split by node and dataloader worker. Images go through open_clip's own
 transforms and captions through its tokenizer.
+
+Empty values / truncated media / duplicates / mixed types: a blank caption or image path is an
+error naming file and line (an empty caption would be trained as a match for its image); a blank
+or ``null`` label is "no label" (a CSV's empty cell). A cut or unreadable image is found by the
+header pass (``data.verify``) or when opened, and stops the run naming the file
+(``data.skip_bad=true``: skipped, counted). One image with several captions is normal (COCO has
+five); the same image-caption pair twice is kept and counted in one warning. A caption that is
+not a string is an error; labels may be strings or integers (``1`` and ``"1"`` are one class).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
 from modalforge.data.images import ImageRef, image_from_sample, image_problem, open_image, resolve_image_path
-from modalforge.data.readers import Record, read_records, require_fields
+from modalforge.data.duplicates import report_repeats
+from modalforge.data.readers import Record, label_text, read_records, require_text
 from modalforge.data.shards import webdataset_stream
 from modalforge.data.synthetic.shapes import write_shapes
 from modalforge.data.verify import verify_media
@@ -117,18 +126,17 @@ def pair_from_record(record: Record, image_field: str, caption_field: str, label
     """A ``Pair`` from a manifest row or a shard sample, or a ``DataError`` saying what is missing."""
     if record.source.endswith(".tar"):
         ref = image_from_sample(record.data, record.where())
-        caption = next((record.data[k] for k in CAPTION_KEYS if isinstance(record.data.get(k), str)), None)
-        if ref is None or caption is None:
+        key = next((k for k in CAPTION_KEYS if isinstance(record.data.get(k), str)), None)
+        if ref is None or key is None:
             raise DataError("shard sample needs an image (jpg/png/...) and a caption (txt); keys present: "
                             f"{sorted(k for k in record.data if not k.startswith('__'))}",
                             source=record.source, location=record.location)
-        label = record.data.get("cls")
-        return Pair(ref, caption, None if label is None else str(label).strip(), record.source, record.location)
-    require_fields(record, {image_field: str, caption_field: str})
-    ref = ImageRef(path=resolve_image_path(record.data[image_field], record.source), where=record.where())
-    label = record.data.get(label_field)
-    return Pair(ref, record.data[caption_field], None if label is None else str(label), record.source,
-                record.location)
+        return Pair(ref, require_text(record, key, "a caption"), label_text(record, "cls", required=False),
+                    record.source, record.location)
+    path = require_text(record, image_field, "an image path")
+    ref = ImageRef(path=resolve_image_path(path, record.source), where=record.where())
+    return Pair(ref, require_text(record, caption_field, "a caption"), label_text(record, label_field, required=False),
+                record.source, record.location)
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
@@ -190,6 +198,8 @@ class CLIPDataModule(SourcedDataModule):
         pairs = [self.parse(r) for r in read_records(spec, what=what)]
         if not pairs:
             raise DataError(f"{what}: no image-caption pairs in {spec!r}")
+        report_repeats((((p.image.path or p.image.where, p.caption), f"{p.source}, {p.location}") for p in pairs),
+                       what=what, kind="image-caption pair", note="a repeated pair is a false negative in its batch")
         return verify_media(pairs, lambda p: image_problem(p.image), lambda p: p.image.describe(), what=what,
                             verify=self.verify, skip_bad=self.skip_bad, kind="image")
 

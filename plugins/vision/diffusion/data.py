@@ -11,6 +11,15 @@ Images are resized (shorter side) and centre-cropped to ``data.image_size`` and 
 ``[-1, 1]``, the range diffusers' pipelines decode from. With ``data.cache_latents=true``
 the Objective's frozen VAE encodes the training set once; the latents are cached on disk,
 keyed by the data, the VAE and the resolution, and served instead of pixels.
+
+Empty values / truncated media / duplicates / mixed types: a blank image path is an error naming
+file and line; a blank caption or label (a CSV's empty cell, a blank ``.txt`` beside an image) is
+"none", an error when the conditioning needs it (an empty caption is what caption dropout trains,
+not a record). A cut or unreadable image is found by the header pass (``data.verify``) or when
+opened, and stops the run naming the file (``data.skip_bad=true``: skipped, counted). An image
+listed twice is kept and counted in one warning (several captions per image are normal); with
+``conditioning=class`` the same image with two labels is an error. A caption that is not a string
+is an error; labels may be strings or integers (``1`` and ``"1"`` are one class).
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ from modalforge.data.errors import DataError
 from modalforge.data.images import ImageRef, image_from_sample, image_problem, open_image, resolve_image_path
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
-from modalforge.data.readers import Record, read_records, require_fields
+from modalforge.data.duplicates import refuse_conflicts, report_repeats
+from modalforge.data.readers import Record, label_text, optional_text, read_records, require_text
 from modalforge.data.synthetic.shapes import write_shapes
 from modalforge.data.verify import verify_media
 from modalforge.progress import preparing
@@ -154,8 +164,10 @@ class DiffusionDataModule(SourcedDataModule):
         needs = {"class": self.label_field, "text": self.caption_field}.get(self.conditioning)
         if record.source.endswith(".tar"):
             ref = image_from_sample(record.data, record.where())
-            caption = next((record.data[k] for k in CAPTION_KEYS if isinstance(record.data.get(k), str)), None)
-            label = record.data.get("cls", record.data.get(self.label_field))
+            caption = next((record.data[k].strip() or None for k in CAPTION_KEYS
+                            if isinstance(record.data.get(k), str)), None)
+            label = label_text(Record({"cls": record.data.get("cls", record.data.get(self.label_field))},
+                                      record.source, record.location), "cls", required=False)
             missing = [what for what, absent in (("an image (jpg/png/...)", ref is None),
                                                  ("a caption (txt)", needs == self.caption_field and caption is None),
                                                  ("a 'cls' label", needs == self.label_field and label is None))
@@ -164,16 +176,12 @@ class DiffusionDataModule(SourcedDataModule):
                 raise DataError(f"shard sample needs {' and '.join(missing)} for conditioning={self.conditioning}; "
                                 f"keys present: {sorted(k for k in record.data if not k.startswith('__'))}",
                                 source=record.source, location=record.location)
-            return Item(ref, caption, None if label is None else str(label).strip())
-        fields: dict[str, Any] = {self.image_field: str}
-        if needs == self.caption_field:
-            fields[self.caption_field] = str
-        elif needs == self.label_field:
-            fields[self.label_field] = (str, int)
-        require_fields(record, fields)
-        ref = ImageRef(path=resolve_image_path(record.data[self.image_field], record.source), where=record.where())
-        caption, label = record.data.get(self.caption_field), record.data.get(self.label_field)
-        return Item(ref, None if caption is None else str(caption), None if label is None else str(label).strip())
+            return Item(ref, caption, label)
+        path = require_text(record, self.image_field, "an image path")
+        ref = ImageRef(path=resolve_image_path(path, record.source), where=record.where())
+        caption = (require_text(record, self.caption_field, "a caption") if needs == self.caption_field
+                   else optional_text(record, self.caption_field))
+        return Item(ref, caption, label_text(record, self.label_field, required=needs == self.label_field))
 
     def _folder_items(self, folder: Path, what: str) -> list[Item]:
         items = []
@@ -181,11 +189,12 @@ class DiffusionDataModule(SourcedDataModule):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             caption_file = file.with_suffix(".txt")
-            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.exists() else None
+            caption = (caption_file.read_text(encoding="utf-8").strip() or None) if caption_file.exists() else None
             label = file.parent.name if file.parent != folder else None
             if self.conditioning == "text" and caption is None:
                 raise DataError(f"{what}: conditioning=text needs a caption file beside each image "
-                                f"({caption_file.name} is missing)", source=str(file))
+                                f"({caption_file.name} is {'blank' if caption_file.exists() else 'missing'})",
+                                source=str(file))
             if self.conditioning == "class" and label is None:
                 raise DataError(f"{what}: conditioning=class needs class sub-folders; this image lies at the "
                                 "top of the folder", source=str(file))
@@ -200,6 +209,13 @@ class DiffusionDataModule(SourcedDataModule):
             items = [self.parse(record) for record in read_records(spec, what=what)]
         if not items:
             raise DataError(f"{what}: no images found in {spec!r}")
+        if self.conditioning == "class":
+            refuse_conflicts(((it.image.path, it.label, it.image.where or it.image.path) for it in items
+                              if it.image.path is not None), key_name="image", value_name="label",
+                             hint="give each image one label")
+        report_repeats((((it.image.path or it.image.where, it.caption), it.image.where or it.image.describe())
+                        for it in items), what=what, kind="image (with the same caption)",
+                       note="each copy is trained; several captions per image are normal")
         return verify_media(items, lambda item: image_problem(item.image), lambda item: item.image.describe(),
                             what=what, verify=self.verify, skip_bad=self.skip_bad, kind="image")
 

@@ -7,6 +7,14 @@ Sources, by what ``data.train`` names:
 - webdataset shards with an image (``jpg``/``png``...) and a ``cls`` entry.
 Unreadable images stop the run naming the file, or, with ``data.skip_bad=true``,
 are checked up front, skipped, counted and reported.
+
+Empty values / truncated media / duplicates / mixed types: a blank image path or label is an error
+naming file and line (a blank path would resolve to the manifest's folder). A cut or unreadable
+image is found by the header pass (``data.verify``) or when opened, and stops the run naming the
+file (``data.skip_bad=true``: skipped, counted). An image listed twice is normal in a
+classification set (oversampling, copies): kept, counted in one warning; the same image with two
+different labels is an error naming both lines. Labels are text: ``1`` and ``"1"`` are one class
+(``"01"`` another); a boolean or a float label is an error.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from modalforge.data.errors import DataError
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
 from modalforge.data.images import ImageRef, image_from_sample, image_problem, open_image, resolve_image_path
-from modalforge.data.readers import Record, read_records, require_fields
+from modalforge.data.duplicates import refuse_conflicts, report_repeats
+from modalforge.data.readers import Record, label_text, read_records, require_text
 from modalforge.data.synthetic.shapes import write_shapes
 from modalforge.data.verify import verify_media
 from modalforge.plugins.vision.image_classification.transforms import build_batch_mixer, build_transform
@@ -119,6 +128,10 @@ class ImageClassificationDataModule(SourcedDataModule):
             items = [self.parse(record) for record in read_records(spec, what=what)]
         if not items:
             raise DataError(f"{what}: no images found in {spec!r}")
+        refuse_conflicts(((ref.path, label, ref.where) for ref, label in items if ref.path is not None),
+                         key_name="image", value_name="label", hint="give each image one label")
+        report_repeats(((ref.path, ref.where) for ref, _ in items if ref.path is not None), what=what, kind="image",
+                       note="normal in a classification set: each copy is trained")
         checked = verify_media(items, lambda item: image_problem(item[0]), lambda item: item[0].describe(),
                                what=what, verify=self.verify, skip_bad=self.skip_bad, kind="image")
         kept = {id(item) for item in checked}
@@ -128,17 +141,17 @@ class ImageClassificationDataModule(SourcedDataModule):
     def parse(self, record: Record) -> tuple[ImageRef, str]:
         if record.source.endswith(".tar"):
             ref = image_from_sample(record.data, record.where())
-            label = record.data.get("cls", record.data.get(self.label_field))
+            label = label_text(Record({"cls": record.data.get("cls", record.data.get(self.label_field))},
+                                      record.source, record.location), "cls", required=False)
             if ref is None or label is None:
                 raise DataError("shard sample needs an image (jpg/png/...) and a 'cls' label; keys present: "
                                 f"{sorted(k for k in record.data if not k.startswith('__'))}",
                                 source=record.source, location=record.location)
         else:
-            require_fields(record, {self.image_field: str, self.label_field: (str, int)})
-            ref = ImageRef(path=resolve_image_path(record.data[self.image_field], record.source),
-                           where=record.where())
-            label = record.data[self.label_field]
-        return ref, str(label).strip()
+            path = require_text(record, self.image_field, "an image path")
+            label = label_text(record, self.label_field, required=True)
+            ref = ImageRef(path=resolve_image_path(path, record.source), where=record.where())
+        return ref, label
 
     def fit(self, train_items: list[tuple[ImageRef, str]]) -> None:
         self.classes = sorted({label for _, label in train_items}, key=_label_key)
