@@ -12,13 +12,12 @@ come from it), so it must still be readable (the synthetic defaults always are).
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from modalforge.checkpoints import CONFIG_KEY, read_checkpoint
 from modalforge.errors import CheckpointError, RunDirError
+from modalforge.model_folder import write_model_folder
 
 
 def _newest_checkpoint(folder: Path) -> Path | None:
@@ -143,17 +142,11 @@ def export_checkpoint(source: str | Path, out: str | Path | None = None, *, merg
     if merge is None:
         merge = not (cfg.get("model") or {}).get("name_or_path")
     merge = bool(merge) or merge_lora
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    module.export(tmp, merge=merge)
     metadata = {"plugin": cfg.plugin.name, "adapter": cfg.adapter.get("_target_"),
                 "config": OmegaConf.to_container(cfg, resolve=False), "global_step": step,
                 "exported_from": str(path)}
-    (tmp / "modalforge.json").write_text(json.dumps(metadata, indent=2, default=str))
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(directory)
+    write_model_folder(directory, module, merge=merge, metadata=metadata,
+                       hint="free space, then run the same export again (add --overwrite to replace a kept folder)")
     return directory
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from modalforge import quiet, registry, run_lock
 from modalforge.batch_size import SEARCH_KEYS, datamodule_config, is_auto, recorded_batch_size
 from modalforge.callbacks.batch_size_search import BatchSizeSearch
-from modalforge.callbacks.export import ExportOnTrainEnd
+from modalforge.callbacks.export import ExportOnTrainEnd, exported_step
 from modalforge.checkpoints import CONFIG_KEY, explain_load_error, read_checkpoint
 from modalforge.errors import ConfigError, RunDirError
 from modalforge.callbacks.interrupt import CheckpointOnInterrupt
@@ -265,9 +265,10 @@ def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMo
     if trainer.interrupted:
         return trainer, module, datamodule
     export = next((c for c in trainer.callbacks if isinstance(c, ExportOnTrainEnd)), None)
-    if export is not None and not export.directory.exists():
+    # Rank zero decides: other nodes may not see its final/ (no shared disk), and the export is collective.
+    if export is not None and trainer.strategy.broadcast(exported_step(export.directory) != trainer.global_step):
         # A resume that was already at max_steps ends before Lightning's on_train_end: export now,
-        # so that a finished run always has its final/.
+        # so that a finished run always has its final/ of its last step (also after a failed export).
         export.on_train_end(trainer, module)
     if trainer.is_global_zero:
         mark_finished(output_dir, trainer.global_step)

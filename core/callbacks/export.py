@@ -3,18 +3,19 @@
 A Lightning checkpoint is for resuming; ``<run_dir>/final`` is for everyone else:
 ``transformers``/``peft`` load it directly, and it is a valid ``model.name_or_path``
 for the next run. Written to a temporary folder and renamed, so a crash never
-leaves a half-written export behind.
+leaves a half-written export behind (:mod:`modalforge.model_folder`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+
+from modalforge.model_folder import write_model_folder
 
 
 class ExportOnTrainEnd(L.Callback):
@@ -39,12 +40,16 @@ class ExportOnTrainEnd(L.Callback):
         module = pl_module.gathered_copy() if getattr(pl_module, "is_sharded", lambda: False)() else pl_module
         if not trainer.is_global_zero:
             return
-        tmp = self.directory.with_name(self.directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.export(tmp, merge=self.merge)
-        (tmp / "modalforge.json").write_text(json.dumps({**self.metadata, "global_step": trainer.global_step},
-                                                        indent=2, default=str))
-        if self.directory.exists():
-            shutil.rmtree(self.directory)
-        tmp.rename(self.directory)
+        write_model_folder(self.directory, module, merge=self.merge,
+                           metadata={**self.metadata, "global_step": trainer.global_step},
+                           hint="free space, then the same command plus ckpt_path=last writes final/ from the "
+                                "last checkpoint (at this step)")
         rank_zero_info(f"[modalforge] exported to {self.directory}")
+
+
+def exported_step(directory: str | Path) -> int | None:
+    """The training step ``directory`` (a ``final/``) was exported at, or ``None`` if there is none."""
+    try:
+        return int(json.loads((Path(directory) / "modalforge.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -32,8 +32,12 @@ class CheckpointOnInterrupt(L.Callback):
             return  # nothing trained yet: keep whatever checkpoint was there
         from modalforge.callbacks.nonfinite import NonFiniteError
 
+        from modalforge.model_folder import ModelFolderError
+
         if isinstance(exception, NonFiniteError):
             return  # a NaN step: the last good checkpoint stays the newest, nothing is written after it
+        if isinstance(exception, ModelFolderError):
+            return  # final/ failed after training: last.ckpt holds this step, and the disk may be full
         trainer.save_checkpoint(str(self.path), weights_only=False)  # the full state (optimizer, loops): a resume point
         how = "resume with the same command plus ckpt_path=last"
         if isinstance(exception, DataError):
