@@ -6,7 +6,8 @@ is cached), a tqdm bar on stderr while it runs, and one log line with its
 duration when it ends. The lines go through ``logging`` at INFO (a run's console
 and log file); the bar only where it can be seen: rank zero, and stderr a
 terminal unless ``MODALFORGE_PROGRESS=1`` forces it (``0`` hides it). Other
-ranks stay silent, as they do the same work.
+ranks draw no bar (they do the same work) but log their lines, which the logging
+setup keeps on their own console: a slow node shows where it spends its time.
 
     with preparing("sft data.train: tokenising", total=len(items), unit="conversation") as step:
         for item in step.track(items):
@@ -94,13 +95,11 @@ def preparing(what: str, total: int | None = None, unit: str = "item", *,
         unit: what one ``update`` counts (singular).
         cached_in: where the result is kept, so the start line can say the step runs once.
     """
-    loud = is_rank_zero()
     size = f"{total} {unit}{'' if total == 1 else 's'}" if total is not None else "started"
     once = f" (this runs once; cached under {cached_in})" if cached_in is not None else ""
-    if loud:
-        log.info("%s: %s%s", what, size, once)
+    log.info("%s: %s%s", what, size, once)
     bar = None
-    if loud:
+    if is_rank_zero():
         from tqdm import tqdm
 
         # On a terminal the end line replaces the bar; a forced bar elsewhere (a log file) keeps its last state.
@@ -113,14 +112,12 @@ def preparing(what: str, total: int | None = None, unit: str = "item", *,
     except BaseException:
         if bar is not None:
             bar.close()
-        if loud:
-            log.info("%s: stopped after %s", what, _seconds(time.perf_counter() - start))
+        log.info("%s: stopped after %s", what, _seconds(time.perf_counter() - start))
         raise
     if bar is not None:
         bar.close()
-    if loud:
-        log.info("%s: done in %s%s", what, _seconds(time.perf_counter() - start),
-                 f" ({step.summary})" if step.summary else "")
+    log.info("%s: done in %s%s", what, _seconds(time.perf_counter() - start),
+             f" ({step.summary})" if step.summary else "")
 
 
 def _seconds(seconds: float) -> str:
