@@ -17,10 +17,10 @@ from modalforge.overrides import override_key
 USAGE = """usage: train plugin=<name> [key=value ...]      (Hydra overrides; `train plugin=<name> --cfg job` prints the config)
 
 examples:
-  train plugin=causal_lm                                  offline demo: tiny model, synthetic corpus
-  train plugin=causal_lm adapter=lora trainer.max_steps=50
-  train plugin=causal_lm model.name_or_path=/models/my-llama data.train='/data/*.jsonl'
-  train -m plugin=causal_lm optim.lr=1e-3,3e-4             sweep
+  train plugin=<name>                                     offline demo: tiny model, data generated on first use
+  train plugin=<name> adapter=lora trainer.max_steps=50
+  train plugin=<name> model.name_or_path=/models/my-model data.train='/data/*.jsonl'
+  train -m plugin=<name> optim.lr=1e-3,3e-4               sweep
 """
 
 _HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")

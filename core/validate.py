@@ -28,10 +28,11 @@ from modalforge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Root keys every run has; plugins may add nodes only under these.
+#: Root keys every run has; plugins may add nodes only under these. A plugin's own root variable
+#: (one its YAML interpolates, as ``${name}``) passes as an experiment variable does.
 ROOT_KEYS = ("seed", "run_dir", "ckpt_path", "overwrite", "optim", "module", "checkpoint", "trainer", "adapter",
              "strategy", "logger", "callbacks", "plugin", "data", "model", "objective", "experiment", "hydra",
-             "tasks", "trl_config")
+             "trl_config")
 _NUMBER = (int, float)
 
 
@@ -273,8 +274,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key, value in plain.items():
         if value == "???":
             raise ConfigError("is required and not set", where=key,
-                              hint=f"set it on the command line: {key}=..." + (" (e.g. tasks=[clip,causal_lm])"
-                                                                               if key == "tasks" else ""))
+                              hint=f"set it on the command line: {key}=... (the plugin's README gives its form)")
     if isinstance(plain.get("strategy"), Mapping):
         from modalforge.scale.strategies import check_strategy_keys
 

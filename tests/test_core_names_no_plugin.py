@@ -23,14 +23,6 @@ WORD = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(map(re.escape, PLUGINS)) + r"
 #: ``reward_model:/path`` (any HF sequence classifier, :mod:`modalforge.rl.rewards`), not a branch on the plugin.
 PROSE = ("to clip", "reward_model:")
 
-#: issue 21: still to invert (each names plugins in code today). Remove a file once it is clean;
-#: the test fails both when a file not listed starts naming plugins and when a listed one is clean.
-KNOWN_OFFENDERS = {
-    "core/cli.py",  # the usage text's examples
-    "core/validate.py",  # the example in the message for multitask's `tasks` root key
-}
-
-
 def _dotted(node: ast.AST) -> str:
     parts = []
     while isinstance(node, ast.Attribute):
@@ -100,14 +92,6 @@ def test_trl_config_names_no_plugin():
     assert plugin_mentions((ROOT / "core" / "trl_config.py").read_text()) == []
 
 
-def test_no_core_file_but_the_known_ones_names_a_plugin():
+def test_no_core_file_names_a_plugin():
     found = _offenders()
-    new = {path: mentions for path, mentions in found.items() if path not in KNOWN_OFFENDERS}
-    assert not new, f"core files naming plugins (use a Plugin hook instead): {new}"
-    cleaned = KNOWN_OFFENDERS - set(found)
-    assert not cleaned, f"clean now, remove from KNOWN_OFFENDERS: {sorted(cleaned)}"
-
-
-@pytest.mark.parametrize("path", sorted(KNOWN_OFFENDERS))
-def test_known_offenders_exist(path):
-    assert (ROOT / path).is_file(), f"{path} is gone: remove it from KNOWN_OFFENDERS"
+    assert not found, f"core files naming plugins (use a Plugin hook instead): {found}"
