@@ -13,6 +13,8 @@ picks another (``foreach``, ``for_loop``) for comparison or debugging.
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from typing import Any, Iterable, Literal, Mapping, get_args
 
@@ -102,6 +104,34 @@ _BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bi
                    "paged_adamw_32bit": "PagedAdamW32bit"}
 #: Every ``optim.name`` that :func:`build_optimizer` builds.
 OPTIMIZER_NAMES = ("adamw", "sgd", *_BNB_OPTIMIZERS)
+#: ``optim.scheduler`` values (:func:`lr_lambda`).
+SCHEDULERS = ("cosine", "linear", "constant")
+#: Keys of the ``optim`` node the core reads itself (schedule, groups); never an optimizer's argument.
+#: ``weight_decay`` reaches the optimizer through each parameter group (0 for biases and norms).
+CORE_KEYS = ("_target_", "name", "implementation", "lr", "weight_decay", "scheduler", "warmup_steps", "warmup_ratio",
+             "min_lr_ratio", "param_groups")
+#: The defaults' own optimizer arguments, given to an ``optim._target_`` only where its signature takes them
+#: (``torch.optim.RMSprop`` takes ``eps`` and ``momentum``, not ``betas``).
+SHARED_ARGUMENTS = ("betas", "eps", "momentum")
+
+
+def target_arguments(cfg: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The class of ``optim._target_`` and the node's keys it receives besides params and lr.
+
+    Keys the user added (``+optim.alpha=0.9``) always go; the defaults' ``betas``/``eps``/``momentum``
+    only where the class names them, so any ``torch.optim`` class or a third party's works unchanged.
+    """
+    from hydra.utils import get_class
+
+    cls = get_class(str(cfg["_target_"]))
+    params = inspect.signature(cls).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {}
+    for key, value in cfg.items():
+        if key in CORE_KEYS or key in SHARED_ARGUMENTS and key not in params and not takes_any:
+            continue
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls, kwargs
 
 
 def _split_by_sharding(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -127,10 +157,12 @@ def _split_by_sharding(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Mapping[str, Any], *,
                     unscale_before_step: bool = False) -> torch.optim.Optimizer:
-    """AdamW (default), SGD, or bitsandbytes' 8-bit / paged AdamW from the ``optim`` config.
+    """AdamW (default), SGD, bitsandbytes' 8-bit / paged AdamW, or any class as ``optim._target_``.
 
     ``optim.implementation`` (``auto`` by default) selects torch's fused, foreach or
-    per-parameter implementation of AdamW and SGD; see :func:`implementation_flags`.
+    per-parameter implementation of AdamW and SGD; see :func:`implementation_flags`. With
+    ``optim._target_`` the class gets the parameter groups, ``lr`` and :func:`target_arguments`;
+    the schedule and per-module groups apply as they do to the named ones.
     """
     from modalforge.param_groups import build_param_groups  # per-module lrs (optim.param_groups)
 
@@ -139,6 +171,15 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Mappi
     name = cfg.get("name", "adamw")
     lr = float(cfg["lr"])
     implementation = cfg.get("implementation") or "auto"
+    if cfg.get("_target_"):
+        if implementation != "auto":
+            raise ModalforgeError(f"optim.implementation={implementation!r} applies to adamw and sgd; pass the "
+                                  f"class's own switch instead (+optim.foreach=true)")
+        cls, kwargs = target_arguments(cfg)
+        try:
+            return cls(groups, lr=lr, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ModalforgeError(f"optim._target_={cfg['_target_']}: {err}") from None
     if name in ("adamw", "sgd"):
         flags = implementation_flags([p for g in groups for p in g["params"]], implementation,
                                      unscale_before_step=unscale_before_step)

@@ -249,8 +249,21 @@ def _check_trainer(node: Mapping[str, Any]) -> None:
 def _optim_choices() -> dict[str, typing.Sequence[Any]]:
     from modalforge import optim
 
-    return {"name": getattr(optim, "OPTIMIZERS", ("adamw", "sgd", "adamw_8bit")),
-            "scheduler": getattr(optim, "SCHEDULERS", ("cosine", "linear", "constant"))}
+    return {"name": optim.OPTIMIZER_NAMES, "scheduler": optim.SCHEDULERS}
+
+
+def _check_optim(node: Mapping[str, Any]) -> None:
+    """The named optimizers against the defaults; with ``optim._target_`` the keys the defaults lack go to
+    the class's signature (``+optim.alpha=0.9`` for RMSprop), checked like any ``_target_`` node."""
+    target = node.get("_target_")
+    if not target:
+        _check_against_defaults("optim", node, _optim_choices())
+        return
+    from modalforge import optim
+
+    defaults = _root_defaults().get("optim") or {}
+    _check_against_defaults("optim", {k: v for k, v in node.items() if k in defaults}, _optim_choices())
+    check_call("optim", str(target), {k: v for k, v in node.items() if k not in optim.CORE_KEYS and k not in defaults})
 
 
 def _check_targets(name: str, node: Any) -> None:
@@ -282,7 +295,7 @@ def validate_config(cfg: DictConfig) -> None:
     if plain.get("trainer") is not None:
         _check_trainer(plain["trainer"])
     if plain.get("optim") is not None:
-        _check_against_defaults("optim", plain["optim"], _optim_choices())
+        _check_optim(plain["optim"])
     for name in ("module", "checkpoint"):
         if plain.get(name) is not None:
             from modalforge.callbacks.data_identity import ON_CHANGE

@@ -159,3 +159,56 @@ def test_lightning_cli_paged_optimizer_names_map_to_the_paged_ones():
     assert "optim.name=paged_adamw_32bit" in translate_argv(
         ["plugin=sft", "--optimizer=bitsandbytes.optim.PagedAdamW32bit"])
     assert "optim.name=adamw_8bit" in translate_argv(["plugin=sft", "--optimizer=AdamW8bit"])
+
+
+def _optim_cfg(**extra):
+    from omegaconf import OmegaConf
+
+    from modalforge.config import compose
+
+    cfg = compose(["plugin=causal_lm", *[f"+optim.{k}={v}" for k, v in extra.items()]])
+    return cfg, OmegaConf.to_container(cfg.optim, resolve=True)
+
+
+def test_any_optimizer_by_target_gets_groups_lr_and_only_the_arguments_it_takes():
+    """RMSprop takes eps and momentum but not the defaults' betas; +optim.alpha reaches it; the groups keep
+    weight decay off the bias and norm, as for the named optimizers."""
+    from modalforge.validate import validate_config
+
+    cfg, node = _optim_cfg(_target_="torch.optim.RMSprop", alpha=0.9)
+    validate_config(cfg)
+    model = Tiny()
+    optimizer = build_optimizer(model.named_parameters(), node)
+    assert type(optimizer) is torch.optim.RMSprop
+    assert optimizer.defaults["alpha"] == 0.9 and optimizer.defaults["lr"] == node["lr"]
+    assert optimizer.defaults["momentum"] == node["momentum"] and optimizer.defaults["eps"] == node["eps"]
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, node["weight_decay"]]
+    before = model.linear.weight.detach().clone()
+    model.linear(torch.randn(3, 4)).pow(2).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.linear.weight)
+
+
+def test_a_wrong_key_for_the_target_optimizer_is_a_config_error_naming_it():
+    from modalforge.errors import ConfigError
+    from modalforge.validate import validate_config
+
+    cfg, _ = _optim_cfg(_target_="torch.optim.RMSprop", alpah=0.9)
+    with pytest.raises(ConfigError, match="unknown key for torch.optim.RMSprop") as err:
+        validate_config(cfg)
+    assert "alpha" in str(err.value) + str(getattr(err.value, "hint", ""))
+    cfg, _ = _optim_cfg(_target_="torch.optim.NoSuchOptimizer")
+    with pytest.raises(ConfigError, match="cannot import"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_every_named_optimizer_passes_validation(name):
+    """The check once read a list that lacked the paged optimizers, refusing optim.name=paged_adamw_8bit."""
+    from modalforge.config import compose
+    from modalforge.errors import ConfigError
+    from modalforge.validate import validate_config
+
+    validate_config(compose(["plugin=causal_lm", f"optim.name={name}"]))
+    with pytest.raises(ConfigError, match="is not one of"):
+        validate_config(compose(["plugin=causal_lm", "optim.name=adamw8"]))
