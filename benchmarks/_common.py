@@ -45,13 +45,8 @@ class StepTimer(L.Callback):
 def framework_rate(overrides: Sequence[str]) -> float:
     """Steps/s of `train` with these overrides, progress bar, logging and throughput callbacks on."""
     timer = StepTimer()
-    original = run_mod.build_callbacks
-    run_mod.build_callbacks = lambda *a, **k: [*original(*a, **k), timer]
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run_mod.run(compose([*overrides, *NO_EXTRAS]), tmp)
-    finally:
-        run_mod.build_callbacks = original
+    with tempfile.TemporaryDirectory() as tmp:
+        run_mod.run(compose([*overrides, *NO_EXTRAS]), tmp, callbacks=[timer])
     return timer.rate()
 
 

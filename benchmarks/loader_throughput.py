@@ -32,16 +32,11 @@ PLUGINS = ["causal_lm", "sft", "dpo", "reward_model", "grpo", "ppo", "image_clas
 def train_rate(plugin: str, steps: int, workers: str) -> tuple[float, Any]:
     """Steps/s of a short run, and its DataModule (set up, for the loader-alone pass)."""
     timer = StepTimer()
-    original = run_mod.build_callbacks
-    run_mod.build_callbacks = lambda *a, **k: [*original(*a, **k), timer]
     overrides = [f"plugin={plugin}", f"trainer.max_steps={steps}", *NO_EXTRAS]
     if plugin != "multitask":
         overrides.append(f"data.num_workers={workers}")
-    try:
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            _, _, datamodule = run_mod.run(compose(overrides), tmp)
-    finally:
-        run_mod.build_callbacks = original
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        _, _, datamodule = run_mod.run(compose(overrides), tmp, callbacks=[timer])
     return timer.rate(), datamodule
 
 

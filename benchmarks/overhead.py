@@ -104,14 +104,9 @@ def plain_loop(overrides: list[str], steps: int, seed: int) -> list[tuple[float,
 def framework(overrides: list[str], steps: int, seed: int) -> list[tuple[float, float]]:
     """Step end times of `train plugin=causal_lm` with a user's callbacks and logger."""
     timer = StepTimes()
-    original = run_mod.build_callbacks
-    run_mod.build_callbacks = lambda *a, **k: [*original(*a, **k), timer]
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run_mod.run(compose(["plugin=causal_lm", *overrides, *AS_A_USER, f"seed={seed}",
-                                 f"trainer.max_steps={steps}"]), tmp)
-    finally:
-        run_mod.build_callbacks = original
+    with tempfile.TemporaryDirectory() as tmp:
+        run_mod.run(compose(["plugin=causal_lm", *overrides, *AS_A_USER, f"seed={seed}",
+                             f"trainer.max_steps={steps}"]), tmp, callbacks=[timer])
     return timer.times
 
 

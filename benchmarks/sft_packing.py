@@ -53,14 +53,9 @@ class RealTokenTimer(L.Callback):
 
 def measure(packing: bool, steps: int, seed: int) -> tuple[float, float]:
     timer = RealTokenTimer()
-    original = run_mod.build_callbacks
-    run_mod.build_callbacks = lambda *a, **k: [*original(*a, **k), timer]
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            _, _, dm = run_mod.run(compose(["plugin=sft", f"seed={seed}", f"trainer.max_steps={steps}",
-                                            f"data.packing={str(packing).lower()}", *NO_EXTRAS]), tmp)
-    finally:
-        run_mod.build_callbacks = original
+    with tempfile.TemporaryDirectory() as tmp:
+        _, _, dm = run_mod.run(compose(["plugin=sft", f"seed={seed}", f"trainer.max_steps={steps}",
+                                        f"data.packing={str(packing).lower()}", *NO_EXTRAS]), tmp, callbacks=[timer])
     share = dm.stats["padding_share_packed" if packing else "padding_share_unpacked"]
     return timer.tokens / (timer.end - timer.start), share
 

@@ -235,10 +235,8 @@ def child_modalforge(mode: str, root: Path, folder: Path, steps: int, warmup: in
             self.tokens.append(int(pl_module.last_num_tokens))
 
     timer = Steps()
-    original = run_mod.build_callbacks
-    run_mod.build_callbacks = lambda *a, **k: [*original(*a, **k), timer]
     with tempfile.TemporaryDirectory() as out:
-        run_mod.run(compose(modalforge_overrides(mode, root, folder, steps)), out)
+        run_mod.run(compose(modalforge_overrides(mode, root, folder, steps)), out, callbacks=[timer])
     return steady(timer.times, timer.tokens, warmup)
 
 

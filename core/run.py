@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 from hydra.utils import instantiate
@@ -188,13 +188,19 @@ def close_progress_bars(trainer: L.Trainer) -> None:
     sys.stdout.flush()
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingModule, DataModule]:
-    """Train as the config says, holding ``output_dir``'s lock (one ``train`` per run directory)."""
+def run(cfg: DictConfig, output_dir: str | Path, callbacks: Sequence[L.Callback] = ()) -> tuple[
+        L.Trainer, TrainingModule, DataModule]:
+    """Train as the config says, holding ``output_dir``'s lock (one ``train`` per run directory).
+
+    ``callbacks`` join the run's own, after them (a benchmark's timer, a notebook's hook), as
+    ``callbacks.<name>._target_`` nodes do from a config.
+    """
     with run_lock.hold(output_dir):
-        return _run(cfg, output_dir)
+        return _run(cfg, output_dir, list(callbacks))
 
 
-def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingModule, DataModule]:
+def _run(cfg: DictConfig, output_dir: str | Path,
+         callbacks: list[L.Callback]) -> tuple[L.Trainer, TrainingModule, DataModule]:
     """Train as the config says; returns the trainer, module and datamodule for inspection.
 
     The config is validated in full first, and the run directory checked (a finished
@@ -231,7 +237,7 @@ def _run(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, TrainingMo
         kwargs["strategy"] = build_strategy(strategy_cfg, block_classes=objective.block_classes(), accelerator=accelerator)
     enable_ckpt = kwargs.get("enable_checkpointing", True) is not False
     kwargs["callbacks"] = build_callbacks(cfg, output_dir, enable_ckpt, kwargs.get("enable_progress_bar") is not False) \
-        + list(kwargs.get("callbacks") or [])
+        + list(kwargs.get("callbacks") or []) + callbacks
     if auto:  # first: the later callbacks' on_fit_start see the found data.batch_size
         kwargs["callbacks"].insert(0, BatchSizeSearch(
             search=recorded is None, max_batch_size=data_cfg.get("max_batch_size"),

@@ -78,21 +78,18 @@ class _Initial(L.Callback):
         self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
 
-def _update(data: Path, tmp: Path, batch_size: int, accumulate: int, monkeypatch) -> tuple[dict, dict, float]:  # noqa: ANN001
-    import modalforge.run as run_module
-
-    initial, original = _Initial(), run_module.build_callbacks
-    monkeypatch.setattr(run_module, "build_callbacks", lambda *a, **k: original(*a, **k) + [initial])
+def _update(data: Path, tmp: Path, batch_size: int, accumulate: int) -> tuple[dict, dict, float]:
+    initial = _Initial()
     cfg = compose([*_one_sgd_step(data, batch_size, accumulate), "logger=none", "checkpoint.export_on_end=false",
                    "trainer.enable_checkpointing=false"])
-    _, module, _ = run(cfg, tmp)
+    _, module, _ = run(cfg, tmp, callbacks=[initial])
     return initial.weights, {k: v.detach() for k, v in module.state_dict().items()}, float(module.step_loss.last)
 
 
-def test_accumulation_leaves_the_sft_gradient_unchanged(tmp_path, monkeypatch):
+def test_accumulation_leaves_the_sft_gradient_unchanged(tmp_path):
     data = _records(tmp_path / "chats.jsonl")
-    start, whole, loss_whole = _update(data, tmp_path / "b8", 8, 1, monkeypatch)
-    start_split, split, loss_split = _update(data, tmp_path / "b2x4", 2, 4, monkeypatch)
+    start, whole, loss_whole = _update(data, tmp_path / "b8", 8, 1)
+    start_split, split, loss_split = _update(data, tmp_path / "b2x4", 2, 4)
     assert all(torch.equal(start[k], start_split[k]) for k in start)
     update = sum(float((whole[k] - start[k]).norm() ** 2) for k in start) ** 0.5
     diff = sum(float((whole[k] - split[k]).norm() ** 2) for k in start) ** 0.5
