@@ -3,15 +3,18 @@
 A reward is named in ``objective.rewards`` by
 - a built-in: ``exact_match`` (the last number of the completion equals the record's ``answer``),
   ``format`` (the completion matches a regex), ``length`` (penalty beyond a target length),
-  ``digits`` (share of digit characters: a dense reward for smoke tests);
+  ``digits`` (share of digit characters: a dense reward for smoke tests), ``overlong`` (DAPO's soft overlong
+  punishment, ``overlong.py``);
 - an import path ``pkg.module:fn`` or a file path ``path/to/file.py:fn``;
-- ``reward_model:/path/to/final``: a ``reward_model`` run's output or any HF sequence classifier.
+- ``reward_model:/path/to/final``: a ``reward_model`` run's output or any HF sequence classifier;
+- ``http://...`` / ``https://...``: a reward server or an OpenAI-compatible judge (``http_reward.py``).
 
 Each entry is a string or a mapping ``{reward: <spec>, weight: 2.0, name: ..., <kwargs for the fn>}``.
 The callable receives the prompts (as in the data: string or messages), the completions (strings),
 ``completion_ids`` and every other field of the records (``answer``...), each a list with one entry
 per completion, TRL's convention, so a TRL reward function works unchanged. It returns one float
-per completion, or ``None`` where it does not apply.
+per completion, or ``None`` where it does not apply. With several rewards, ``score`` calls them in threads, so a
+slow one (a server, a judge) overlaps the others.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import importlib.util
 import logging
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -29,6 +33,8 @@ import torch
 from torch import nn
 
 from modalforge.errors import ModalforgeError
+from modalforge.rl.http_reward import HttpReward, RewardRequestError
+from modalforge.rl.overlong import overlong, overlong_options
 
 log = logging.getLogger(__name__)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -77,7 +83,7 @@ def digits(prompts: list[Any], completions: list[str], **_: Any) -> list[float]:
 
 
 BUILTINS: dict[str, Callable[..., list]] = {"exact_match": exact_match, "format": format_reward,
-                                            "length": length_penalty, "digits": digits}
+                                            "length": length_penalty, "digits": digits, "overlong": overlong}
 
 
 # ---- a reward model is a reward too -------------------------------------------------
@@ -157,8 +163,12 @@ def _import(spec: str, where: str) -> Callable[..., Any]:
     return fn
 
 
-def load_rewards(specs: Sequence[Any], weights: Sequence[float] | None = None) -> list[Reward]:
-    """The run's rewards from ``objective.rewards`` (and ``objective.reward_weights``, TRL's name)."""
+def load_rewards(specs: Sequence[Any], weights: Sequence[float] | None = None,
+                 max_completion_length: int | None = None) -> list[Reward]:
+    """The run's rewards from ``objective.rewards`` (and ``objective.reward_weights``, TRL's name).
+
+    ``max_completion_length``, when given, is ``overlong``'s default ``max_length``.
+    """
     if not specs:
         raise ModalforgeError("objective.rewards is empty: name at least one reward (e.g. [exact_match])")
     if weights is not None and len(weights) != len(specs):
@@ -172,6 +182,11 @@ def load_rewards(specs: Sequence[Any], weights: Sequence[float] | None = None) -
         name = options.pop("name", None)
         if spec in BUILTINS:
             fn, default_name = BUILTINS[spec], spec
+            if spec == "overlong":
+                options = overlong_options(options, max_completion_length, where)
+        elif spec.startswith(("http://", "https://")):
+            fn = HttpReward.from_options(spec, options, name, where)
+            default_name, options = fn.name, {}
         elif spec.startswith("reward_model:"):
             path = spec.split(":", 1)[1]
             fn, default_name = RewardModel(path, **options), f"reward_model:{Path(path).name}"
@@ -191,13 +206,28 @@ def score(rewards: Sequence[Reward], prompts: list[Any], completions: list[str],
 
     ``where`` names each completion's record (file and line) for error messages.
     """
-    columns = []
-    for reward in rewards:
+    grad = torch.is_grad_enabled()  # grad mode is per thread: the rewards see the caller's
+
+    def call(reward: Reward) -> tuple[Any, Exception | None]:
         try:
-            values = reward.fn(prompts=prompts, completions=completions, **fields, **reward.kwargs)
-        except ModalforgeError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the user's code: name it, the records and the error
+            with torch.set_grad_enabled(grad):
+                return reward.fn(prompts=prompts, completions=completions, **fields, **reward.kwargs), None
+        except Exception as err:  # noqa: BLE001 - raised below, in column order
+            return None, err
+
+    if len(rewards) > 1:  # slow rewards (servers, judges, models) overlap; results and errors in column order
+        with ThreadPoolExecutor(max_workers=len(rewards), thread_name_prefix="reward") as pool:
+            outcomes = list(pool.map(call, rewards))
+    else:
+        outcomes = [call(reward) for reward in rewards]
+    columns = []
+    for reward, (values, err) in zip(rewards, outcomes):
+        if isinstance(err, RewardRequestError):  # a server failed for good: name the records it failed for
+            records = [where[i] for i in err.failed]
+            raise ModalforgeError(f"{err} (records {records[0]} ... {records[-1]})") from None
+        if isinstance(err, ModalforgeError):
+            raise err
+        if err is not None:  # the user's code: name it, the records and the error
             raise ModalforgeError(f"reward {reward.name!r} raised {type(err).__name__}: {err} "
                                   f"(records {where[0]} ... {where[-1]})") from err
         if isinstance(values, torch.Tensor):
