@@ -33,6 +33,7 @@ from modalforge.interfaces import Adapter, DataModule, Objective
 from modalforge.module import TrainingModule
 from modalforge.rundir import check_run_dir, mark_finished
 from modalforge.scale import build_strategy, check_precision
+from modalforge.scale.batchnorm import BatchNormPerRankNote
 from modalforge.trainer_schema import trainer_kwargs
 from modalforge.validate import resolved, validate_config
 
@@ -92,6 +93,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
     callbacks.append(ValidationSchedule(on_start=bool(module_cfg.get("validate_on_start", False))))
     # SIGTERM (a preempted job): all ranks stop at the same batch, so the collectives after it pair up.
     callbacks.append(SynchronizedSigterm())
+    callbacks.append(BatchNormPerRankNote())
     ckpt = cfg.get("checkpoint", {})
     if enable_checkpointing:
         callbacks.append(StepCheckpoint(

@@ -244,6 +244,9 @@ def _check_against_defaults(name: str, node: Mapping[str, Any], choices: Mapping
 
 def _check_trainer(node: Mapping[str, Any]) -> None:
     check_call("trainer", "lightning.Trainer", node)
+    from modalforge.scale.batchnorm import check_sync_batchnorm
+
+    check_sync_batchnorm(node, str(node.get("accelerator") or "auto"))
 
 
 def _optim_choices() -> dict[str, typing.Sequence[Any]]:

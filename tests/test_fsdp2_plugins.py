@@ -3,9 +3,13 @@ conformance suite checks it.
 
 sft gets the whole check (every step's loss equal to one process with the same global batch,
 exact resume, 2 -> 1 resume); dpo the same in two steps (its frozen reference is rebuilt, not
-checkpointed); causal_lm the loss equality under DDP. The rest train two sharded steps and validate
-once with a sample, trainable parameters moving and frozen ones not (their per-rank noise, masking
-and sampling make equality with one process meaningless); the plugins whose state is more than
+checkpointed). Every other plugin trains two sharded steps and validates once with a sample,
+trainable parameters moving and frozen ones not; those without per-rank randomness (reward_model,
+whisper_asr, vlm) also equal one process step by step, and under DDP too, as do causal_lm, and clip
+and image_classification with their augmentation off (each rank draws its own crops and flips) and,
+for image_classification, a model without BatchNorm (per-rank statistics). diffusion's noise,
+wav2vec2's masks, grpo's and ppo's sampling differ by rank, as they must, which makes equality with
+one process meaningless for them; the plugins whose state is more than
 weights and optimizer (diffusion's EMA shadows, grpo's rollout buffer) are also stopped after one
 step and resumed, and must end on the same weights. Every FSDP2 run exports ``final/``, whose
 tensors must be the gathered checkpoint's, bit for bit.
@@ -33,6 +37,20 @@ SHARDED_ONLY = {
     "multitask": (("tasks=[causal_lm,sft]", "objective.mix=sum"), None),
 }
 
+#: No per-rank randomness in their defaults: every step's loss equals one process with the global batch.
+EQUAL_TO_ONE_PROCESS = {"reward_model", "whisper_asr", "vlm"}
+
+#: plugin -> overrides that take its per-rank randomness (augmentation) and per-rank statistics (BatchNorm)
+#: away, for the equality with one process under DDP (and FSDP2 for those whose default cannot equal).
+DETERMINISTIC = {
+    "causal_lm": (),
+    "reward_model": (),
+    "whisper_asr": (),
+    "vlm": (),
+    "clip": ("data.augment=none",),
+    "image_classification": ("data.augment=none", "model=image_classification/vit_custom"),
+}
+
 #: Stopped after one of the two steps and resumed too: state beyond weights and optimizer.
 RESUMED = {"diffusion", "grpo"}
 
@@ -56,8 +74,15 @@ def test_dpo_under_fsdp2_equals_one_process_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_causal_lm_under_ddp_equals_one_process(tmp_path):
-    assert_plugin_conforms_sharded("causal_lm", tmp_path, strategy="ddp", steps=2, resume=False)
+@pytest.mark.parametrize("name", sorted(DETERMINISTIC))
+def test_plugins_without_per_rank_randomness_under_ddp_equal_one_process(name, tmp_path):
+    assert_plugin_conforms_sharded(name, tmp_path, DETERMINISTIC[name], strategy="ddp", steps=2, resume=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["clip", "image_classification"])
+def test_augmented_plugins_under_fsdp2_equal_one_process_with_augmentation_off(name, tmp_path):
+    assert_plugin_conforms_sharded(name, tmp_path, DETERMINISTIC[name], steps=2, resume=False)
 
 
 @pytest.mark.slow
@@ -66,6 +91,8 @@ def test_every_plugin_trains_under_fsdp2_on_two_processes(name, tmp_path):
     """Two sharded steps, then one validation with a sample (no rank may wait alone at a collective) and
     the export; diffusion and grpo also stop after one step and resume."""
     overrides, batch_size = SHARDED_ONLY[name]
-    assert_plugin_conforms_sharded(name, tmp_path, overrides, steps=2, batch_size=batch_size,
-                                   equal_to_single=False, resume=name in RESUMED, samples=True, export=True,
+    report = assert_plugin_conforms_sharded(name, tmp_path, overrides, steps=2, batch_size=batch_size,
+                                   equal_to_single=name in EQUAL_TO_ONE_PROCESS, resume=name in RESUMED, samples=True, export=True,
                                    export_trained_from=EXPORT_TRAINED_FROM.get(name))
+    if name == "image_classification":  # resnet18: per-rank BatchNorm statistics are said, with the choices
+        assert "20 BatchNorm layer(s) normalise with each rank's own batch statistics" in report.output

@@ -62,6 +62,49 @@ def test_resume_with_augmentation_is_exact(tmp_path):
     assert _train_steps(split) == list(range(4))  # no step logged twice or skipped across the resume
 
 
+def test_resume_with_augmentation_in_workers_is_exact(tmp_path):
+    """Data-loader workers: the resumed epoch skips the consumed indices unread, and each item's crops
+    and flips still come out as in the uninterrupted run (a seed per item, not a stream per worker)."""
+    common = ["plugin=image_classification", *FAST, "data.batch_size=8", "checkpoint.every_n_train_steps=2",
+              "data.num_workers=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _train([*common, "trainer.max_steps=4", f"run_dir={straight}"], straight)
+    _train([*common, "trainer.max_steps=2", f"run_dir={split}"], split)
+    _train([*common, "trainer.max_steps=4", f"run_dir={split}", "ckpt_path=last"], split)
+    a, b = _weights(straight), _weights(split)
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-6, atol=1e-6), key
+
+
+class _Draws(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> tuple[int, float, float, float]:
+        import random
+
+        import numpy as np
+
+        return index, float(torch.rand(())), float(np.random.rand()), random.random()
+
+
+def _draws_by_index(order: list[int], workers: int, seed: int) -> dict[int, tuple[float, float, float]]:
+    from modalforge.data.item_seed import SeededItems
+
+    loader = torch.utils.data.DataLoader(SeededItems(_Draws()), batch_size=None, sampler=order,
+                                         num_workers=workers, generator=torch.Generator().manual_seed(seed))
+    return {int(i): (a, b, c) for i, a, b, c in loader}
+
+
+def test_an_item_read_in_a_worker_draws_the_same_whichever_worker_reads_it_and_whatever_came_before():
+    whole = _draws_by_index(list(range(12)), workers=2, seed=5)
+    later = _draws_by_index([9, 4, 7, 11], workers=3, seed=5)  # a resumed epoch: fewer items, other workers
+    assert later == {i: whole[i] for i in later}
+    assert len({v[0] for v in whole.values()}) == 12  # items differ from each other
+    other_epoch = _draws_by_index(list(range(12)), workers=2, seed=6)
+    assert all(other_epoch[i] != whole[i] for i in whole)  # and from one epoch to the next
+
+
 def test_steps_logged_after_a_mid_step_checkpoint_continue_the_sequence(tmp_path):
     run_dir = tmp_path / "run"
     common = ["plugin=causal_lm", *FAST, "checkpoint.every_n_train_steps=100000", f"run_dir={run_dir}"]

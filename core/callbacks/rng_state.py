@@ -20,8 +20,9 @@ sampled completions than the run it continues. This callback:
 What the torch generator looked like at the end of the last trained batch is what is saved, so a
 checkpoint written on Ctrl-C after a batch was fetched but not trained (the data position then
 replays that batch, see ``TrainingModule._align_data_position``) still replays it with the same
-draws. Randomness inside data-loader worker processes is not resumed mid-epoch: with
-``data.num_workers > 0`` each worker restarts from its seed for the epoch.
+draws. In data-loader worker processes each item draws from a seed of its own (the epoch's and
+its index, ``modalforge.data.item_seed``), so augmentation resumes exactly with
+``data.num_workers > 0`` too.
 """
 
 from __future__ import annotations

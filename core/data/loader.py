@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sized
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from modalforge.data.item_seed import SeededItems
 from modalforge.scale.ranks import rank_world
 
 
@@ -92,6 +93,8 @@ class ResumableDataLoader(DataLoader):
                  drop_last: bool = False, pin_memory: bool = False, what: str | None = None, **kwargs: Any) -> None:
         sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
         _check_enough(len(sampler), batch_size, drop_last, what or ("data.train" if shuffle else "data.val"))
+        if num_workers and not isinstance(dataset, SeededItems):  # each item its own seed: exact resume
+            dataset = SeededItems(dataset)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                          num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
                          persistent_workers=False, **kwargs)

@@ -75,6 +75,8 @@ class ShardedReport:
     resume_difference: float | None = None
     #: exported tensor ("<file under final/>:<name>") -> the checkpoint (or initial-build) key it equals
     exported: dict[str, str] = field(default_factory=dict)
+    #: what the uninterrupted sharded run printed (stdout and stderr)
+    output: str = ""
 
 
 def _train(args: Sequence[str], timeout: int) -> str:
@@ -252,7 +254,7 @@ def assert_plugin_conforms_sharded(name: str, tmp_path: str | Path, overrides: S
     if batch_size is None and equal_to_single:
         raise ValueError("equal_to_single needs batch_size: the one-process run takes devices x batch_size")
     output = _train([*sharded, f"trainer.max_steps={steps}", f"run_dir={tmp_path / 'sharded'}"], timeout)
-    report = ShardedReport(_losses(tmp_path / "sharded"), {})
+    report = ShardedReport(_losses(tmp_path / "sharded"), {}, output=output)
     assert len(report.sharded_losses) == steps, f"the sharded run logged {report.sharded_losses}"
     assert all(torch.isfinite(torch.tensor(v)) for v in report.sharded_losses.values()), report.sharded_losses
     if equal_to_single:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -35,6 +35,7 @@ from modalforge.data.verify import verify_media
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.data.workers import Workers
 from modalforge.data.mixture import MixedStream
+from modalforge.errors import ConfigError
 
 CAPTION_KEYS = ("txt", "caption", "text")
 log = logging.getLogger(__name__)
@@ -152,6 +153,9 @@ class CLIPDataModule(SourcedDataModule):
             generates the shapes-with-captions demo set.
         image_field / caption_field / label_field: manifest fields (label optional; enables zero-shot).
         image_size: model input size. mean / std: normalisation (OpenAI CLIP's by default).
+        augment: ``standard`` (open_clip's training transform: random resized crop) or ``none`` (the
+            evaluation transform for training too: resize and centre crop, the same pixels on every rank
+            and every epoch, for captions that name positions or a run that must equal one process).
         context_length: caption tokens. tokenizer: open_clip model name whose tokenizer to use
             (``null``: open_clip's bundled BPE, ``SimpleTokenizer``).
         classnames / templates: zero-shot classes and prompts (each with one ``{}`` for the class name).
@@ -166,7 +170,7 @@ class CLIPDataModule(SourcedDataModule):
     decodes_per_item = True  # each item opens and decodes a file: num_workers=auto uses workers
 
     def __init__(self, train: Any = None, val: Any = None, image_field: str = "image", caption_field: str = "caption",
-                 label_field: str = "label", image_size: int = 32,
+                 label_field: str = "label", image_size: int = 32, augment: Literal["standard", "none"] = "standard",
                  mean: tuple = (0.48145466, 0.4578275, 0.40821073), std: tuple = (0.26862954, 0.26130258, 0.27577711),
                  context_length: int = 16, tokenizer: str | None = None, classnames: list[str] | None = None,
                  templates: list[str] | None = None, streaming: bool = False, shuffle_buffer: int = 1000,
@@ -177,7 +181,9 @@ class CLIPDataModule(SourcedDataModule):
         if streaming and (train is None or val is None):
             raise DataError("data.streaming=true needs data.train (shards) and data.val")
         self.fields = (image_field, caption_field, label_field)
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        if augment not in ("standard", "none"):
+            raise ConfigError(f"{augment!r} is not one of: standard, none", where="data.augment")
+        self.image_size, self.augment, self.mean, self.std = image_size, augment, tuple(mean), tuple(std)
         self.context_length, self.tokenizer_name = context_length, tokenizer
         self.classnames = list(classnames) if classnames else None
         self.templates = list(templates) if templates else ["a photo of a {}.", "a {}.", "a picture of a {}."]
@@ -213,7 +219,8 @@ class CLIPDataModule(SourcedDataModule):
     def _transform(self, train: bool):  # noqa: ANN202
         import open_clip
 
-        return open_clip.image_transform(self.image_size, is_train=train, mean=self.mean, std=self.std)
+        return open_clip.image_transform(self.image_size, is_train=train and self.augment == "standard",
+                                         mean=self.mean, std=self.std)
 
     def fit(self, train_items: list[Pair]) -> None:
         self.processor = self._tokenizer()
