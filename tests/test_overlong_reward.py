@@ -67,3 +67,41 @@ def test_rewards_are_scored_concurrently_in_column_order():
     rewards = [Reward("a", slow([1.0], 0.3)), Reward("b", lambda prompts, completions, **_: 1 / 0)]
     with pytest.raises(ModalforgeError, match=r"reward 'a' returned \[1.0\]"):
         score(rewards, ["p"], ["x"], {}, ["f, line 1"])
+
+
+def test_max_length_defaults_to_the_objectives_max_completion_length():
+    from hydra.utils import instantiate
+
+    from modalforge.testing import compose_plugin
+
+    for plugin in ("grpo", "ppo"):
+        cfg = compose_plugin(plugin, ["objective.rewards=[exact_match,{reward: overlong, cache: 2}]",
+                                      "objective.max_completion_length=6"])
+        objective = instantiate(cfg.objective, _convert_="all")
+        assert {r.name: r.kwargs for r in objective.rewards}["overlong"] == {"max_length": 6, "cache": 2}
+
+
+def test_reward_models_are_scored_in_the_callers_thread_and_functions_in_threads():
+    """A reward model's forward may all-gather (FSDP2): collectives from two threads could pair up wrongly."""
+    import threading
+
+    from torch import nn
+
+    from modalforge.rl.rewards import Reward, score
+
+    seen: dict[str, str] = {}
+
+    class Scorer(nn.Module):
+        def forward(self, prompts, completions, **_):
+            seen["model"] = threading.current_thread().name
+            return [1.0] * len(completions)
+
+    def plain(prompts, completions, **_):
+        seen[f"fn{len(seen)}"] = threading.current_thread().name
+        return [0.5] * len(completions)
+
+    rewards = [Reward("a", plain), Reward("m", Scorer()), Reward("b", plain)]
+    out = score(rewards, ["p", "q"], ["x", "y"], {}, ["f:1", "f:2"])
+    assert out.tolist() == [[0.5, 1.0, 0.5], [0.5, 1.0, 0.5]]
+    assert seen["model"] == threading.current_thread().name
+    assert all(v.startswith("reward") for k, v in seen.items() if k != "model")

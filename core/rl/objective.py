@@ -98,7 +98,8 @@ class RolloutObjective(ModelObjective):
         self.seed = seed
         self.rollout_func = load_rollout_func(rollout_func) if rollout_func else None
         self.rollout_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.rewards = load_rewards(rewards or ["exact_match"], reward_weights)
+        self.rewards = load_rewards(rewards or ["exact_match"], reward_weights,
+                                    max_completion_length=max_completion_length)
         self.reward_models = nn.ModuleList([r.fn for r in self.rewards if isinstance(r.fn, nn.Module)])
         self.reference: nn.Module | None = None
         self._reference_ready = False

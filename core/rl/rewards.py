@@ -215,11 +215,18 @@ def score(rewards: Sequence[Reward], prompts: list[Any], completions: list[str],
         except Exception as err:  # noqa: BLE001 - raised below, in column order
             return None, err
 
-    if len(rewards) > 1:  # slow rewards (servers, judges, models) overlap; results and errors in column order
-        with ThreadPoolExecutor(max_workers=len(rewards), thread_name_prefix="reward") as pool:
-            outcomes = list(pool.map(call, rewards))
-    else:
-        outcomes = [call(reward) for reward in rewards]
+    # Slow rewards (servers, judges, programs) overlap in threads; results and errors in column order.
+    # Reward models stay in this thread, one after another: under FSDP2 their forward all-gathers, and
+    # collectives issued from two threads could pair up differently on each rank.
+    threaded = [r for r in rewards if not isinstance(r.fn, nn.Module)]
+    outcomes_by_id: dict[int, tuple[Any, Exception | None]] = {}
+    if len(threaded) > 1:
+        with ThreadPoolExecutor(max_workers=len(threaded), thread_name_prefix="reward") as pool:
+            outcomes_by_id.update(zip(map(id, threaded), pool.map(call, threaded)))
+    for reward in rewards:
+        if id(reward) not in outcomes_by_id:
+            outcomes_by_id[id(reward)] = call(reward)
+    outcomes = [outcomes_by_id[id(r)] for r in rewards]
     columns = []
     for reward, (values, err) in zip(rewards, outcomes):
         if isinstance(err, RewardRequestError):  # a server failed for good: name the records it failed for
