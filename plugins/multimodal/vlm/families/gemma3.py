@@ -13,7 +13,7 @@ from typing import Any
 
 MODEL_TYPES: tuple[str, ...] = ("gemma3",)
 HUB_ID: str = "google/gemma-3-4b-it"
-PACKING: bool = False
+PACKING: bool = True
 IMAGE_TEXT: str = "<start_of_image>"
 SPECIAL_TOKENS: list[str] = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
                              "<image_soft_token>"]
