@@ -63,6 +63,11 @@ def bnb_quantization_config(compute_dtype: str = "bfloat16", quant_type: str = "
                               llm_int8_skip_modules=list(skip_modules) if skip_modules else None)
 
 
+def _skipped(name: str, pattern: str) -> bool:
+    """``pattern`` matches the layer, ends its name, or names a module holding it (a head trained in full)."""
+    return fnmatch.fnmatchcase(name, pattern) or name.endswith(pattern) or f".{pattern}." in f".{name}"
+
+
 def quantize_linears(module: nn.Module, *, skip: list[str] = (), compute_dtype: torch.dtype = torch.float32,
                      quant_type: str = "nf4", double_quant: bool = True,
                      quant_storage: torch.dtype = torch.uint8) -> int:
@@ -73,7 +78,7 @@ def quantize_linears(module: nn.Module, *, skip: list[str] = (), compute_dtype: 
     for name, child in list(module.named_modules()):
         for child_name, layer in list(child.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(layer, nn.Linear) or any(fnmatch.fnmatchcase(full, p) or full.endswith(p) for p in skip):
+            if not isinstance(layer, nn.Linear) or any(_skipped(full, p) for p in skip):
                 continue
             device = layer.weight.device
             q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,

@@ -34,13 +34,16 @@ from modalforge.data.images import ImageRef, open_image
 from modalforge.data.readers import Record
 from modalforge.data.datamodule import SourcedDataModule
 from modalforge.progress import preparing
+from modalforge.data.tokenizers import cached_bpe
+from modalforge.plugins.multimodal.vlm.expansion import ProcessorImages
+from modalforge.plugins.multimodal.vlm.families import family, family_of
 from modalforge.plugins.multimodal.vlm.formats import Sample, final_answer, parse_record
 from modalforge.plugins.multimodal.vlm.synthetic import write_vlm_sets
 from modalforge.text.formats import Message
 from modalforge.text.packing import collate_rows, pack_first_fit
 from modalforge.text.templates import TEMPLATES
 from modalforge.text.tokenize import IGNORE, Tokenized, tokenize_conversation, tokenize_prompt
-from modalforge.text.tokenizer import build_tokenizer
+from modalforge.text.tokenizer import build_tokenizer, conversation_texts
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class Example(Tokenized):
     images: list[ImageRef] = field(default_factory=list)
     source: str = ""
     location: str = ""
+    extra: dict[str, list[int]] = field(default_factory=dict)  # per-token arrays of the processor (mm types)
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Question:
     question: str
     answer: str
     where: str
+    extra: dict[str, list[int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return json.dumps({"images": [r.describe() for r in self.images], "question": self.question,
@@ -133,7 +138,14 @@ class VLMDataModule(SourcedDataModule):
             ``position_ids`` (no mask: the position ids restart at each example and transformers derives
             the boundaries from them; no L*L tensor, varlen kernels with flash-attention) or ``dense``
             (a block-diagonal ``(B, 1, L, L)`` mask).
-        processor: a LLaVA folder (a previous run's ``final/``) whose processor to use.
+        processor: a folder whose processor to use: a LLaVA folder (a previous run's ``final/``) or any
+            ``AutoProcessor`` of an image-text-to-text model (Qwen2-VL, Gemma 3, Idefics3...), whose image
+            tokens are then the processor's own (:mod:`.expansion`).
+        family: a :mod:`.families` name (``model=vlm/<family>``); with no ``processor`` it assembles the
+            family's tiny twin processor here (its image processor, template and a BPE trained on the data).
+        image_processor: image settings passed to every call of a loaded processor, e.g. Qwen2-VL's
+            ``min_pixels`` / ``max_pixels`` (a ``model=vlm/<family>`` preset's resolution limits; a tiny
+            twin keeps its own).
         tokenizer: a language model folder whose tokenizer to use; ``None`` trains a BPE on the data.
         vision_tower: the tower folder (clip run ``final/`` or HF CLIP/SigLIP), for its image size, patch
             size and normalisation.
@@ -156,6 +168,7 @@ class VLMDataModule(SourcedDataModule):
                  train_on: Literal["assistant", "all"] = "assistant", max_length: int = 320,
                  too_long: Literal["error", "drop"] = "error", packing: bool = True,
                  packing_attention: Literal["position_ids", "dense"] = "position_ids", processor: str | None = None,
+                 family: str | None = None, image_processor: dict[str, Any] | None = None,
                  tokenizer: str | None = None, vision_tower: str | None = None, image_size: int | None = None,
                  patch_size: int = 4, vision_feature_select_strategy: Literal["default", "full"] | None = None,
                  image_token: str = "<image>", vocab_size: int = 512,
@@ -167,6 +180,8 @@ class VLMDataModule(SourcedDataModule):
         self.chat_template, self.train_on, self.max_length = chat_template, train_on, max_length
         self.too_long, self.packing, self.packing_attention = too_long, packing, packing_attention
         self.processor_path, self.tokenizer_name, self.vision_tower = processor, tokenizer, vision_tower
+        self.family, self.image_processor_settings = family, dict(image_processor or {})
+        self.images: ProcessorImages | None = None  # set for non-LLaVA families: the processor counts tokens
         self.image_size, self.patch_size, self.image_token = image_size, patch_size, image_token
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vocab_size, self.num_eval_questions = vocab_size, num_eval_questions
@@ -220,11 +235,13 @@ class VLMDataModule(SourcedDataModule):
                 from modalforge.models import offline_hint
 
                 raise offline_hint(self.processor_path, err, what="processor") from err
-            if self.image_size:
+            if self.image_size and type(processor) is LlavaProcessor:
                 size = self.image_size
                 processor.image_processor.size = {"shortest_edge": size}
                 processor.image_processor.crop_size = {"height": size, "width": size}
             return processor
+        if self.family:
+            return self._twin_processor(texts)
         settings = self._tower_settings()
         tokenizer = build_tokenizer(self.tokenizer_name, self.chat_template, texts, self.vocab_size, self.cache_dir)
         if self.image_token not in tokenizer.get_vocab():
@@ -240,6 +257,42 @@ class VLMDataModule(SourcedDataModule):
                               num_additional_image_tokens=1 if settings["cls"] else 0,
                               image_token=self.image_token, chat_template=tokenizer.chat_template)
 
+    def _twin_processor(self, texts: list[list[Message]]) -> Any:
+        """The family's processor around a BPE trained on the data, with the family's template (offline twin)."""
+        spec = family(self.family)
+        tokenizer = cached_bpe(conversation_texts(texts), self.vocab_size, cache_dir=self.cache_dir,
+                               extra_special_tokens=spec.SPECIAL_TOKENS)
+        tokenizer.chat_template = spec.CHAT_TEMPLATE
+        return spec.build_processor(tokenizer, int(self.image_size or 32))
+
+    def _family_spec(self) -> Any:
+        if self.family:
+            return family(self.family)
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(str(Path(self.processor_path).expanduser())).model_type
+        except Exception:  # noqa: BLE001 - a processor-only folder: no family table entry then
+            return None
+        return family_of(model_type)
+
+    def _processor_images(self) -> ProcessorImages | None:
+        """``None`` for LLaVA (image tokens counted here); the processor's own expansion otherwise."""
+        from transformers import LlavaProcessor
+
+        if type(self.processor) is LlavaProcessor:
+            return None
+
+        spec = self._family_spec()
+        name = spec.__name__.rsplit(".", 1)[-1] if spec else type(self.processor).__name__
+        if self.packing and not (spec and spec.PACKING):
+            raise DataError(f"data.packing=true is not exact for {name}: packed samples would see each other "
+                            "(or get wrong multimodal positions); set data.packing=false")
+        image_text = spec.IMAGE_TEXT if spec else (getattr(self.processor, "boi_token", None)
+                                                   or self.processor.image_token)
+        settings = self.image_processor_settings if self.processor_path else {}  # a twin keeps its own sizes
+        return ProcessorImages(self.processor, image_text, settings)
+
     def tokens_per_image(self) -> int:
         """Image tokens per image, as ``LlavaProcessor`` counts them for its image size and patch size."""
         p = self.processor
@@ -248,6 +301,32 @@ class VLMDataModule(SourcedDataModule):
         return count - (1 if p.vision_feature_select_strategy == "default" else 0)
 
     # ---- tokenisation -------------------------------------------------------------------
+    def _placeholders(self, text: str) -> str:
+        """The record's image placeholders as the family's template renders an image part."""
+        return text.replace(self.image_token, self.images.image_text) if self.images is not None else text
+
+    def _splice(self, ids: list[int], labels: list[int],
+                sample: Sample) -> tuple[list[int], list[int], dict[str, list[int]]]:
+        if self.images is None:
+            return (*self._expand(ids, labels, sample), {})
+        return self.images.splice(ids, labels, [load_image(ref, sample) for ref in sample.images], sample)
+
+    def _messages(self, messages: list[Message]) -> list[Message]:
+        """Contents with images as ``{"type": "image"}`` parts, as the family's published template expects."""
+        if self.images is None:
+            return messages
+        return [{**m, "content": self._parts(m["content"])}
+                if isinstance(m.get("content"), str) and self.image_token in m["content"] else m for m in messages]
+
+    def _parts(self, content: str) -> list[dict[str, str]]:
+        parts: list[dict[str, str]] = []
+        for i, text in enumerate(content.split(self.image_token)):
+            if i:
+                parts.append({"type": "image"})
+            if text:
+                parts.append({"type": "text", "text": text})
+        return parts
+
     def _expand(self, ids: list[int], labels: list[int], sample: Sample) -> tuple[list[int], list[int]]:
         image_id = self.processor.image_token_id
         found = ids.count(image_id)
@@ -268,14 +347,15 @@ class VLMDataModule(SourcedDataModule):
         """Token ids and labels of one sample, images expanded; image tokens are never learned."""
         tok = self.tokenizer
         if sample.is_chat:
-            chat = tokenize_conversation(tok, sample.messages, train_on=self.train_on)
+            chat = tokenize_conversation(tok, self._messages(sample.messages), train_on=self.train_on)
             ids, labels = chat.input_ids, chat.labels
         else:
             ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
-                tok(sample.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                tok(self._placeholders(sample.text), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             labels = list(ids)
-        ids, labels = self._expand(ids, labels, sample)
-        return Example(ids, labels, images=list(sample.images), source=sample.source, location=sample.location)
+        ids, labels, extra = self._splice(ids, labels, sample)
+        return Example(ids, labels, images=list(sample.images), source=sample.source, location=sample.location,
+                       extra=extra)
 
     def _examples(self, samples: Iterable[Sample], what: str) -> list[Example]:
         examples, dropped = [], []
@@ -283,8 +363,10 @@ class VLMDataModule(SourcedDataModule):
             example = self.tokenize(sample)
             if len(example) > self.max_length:
                 if self.too_long == "error":
-                    raise sample.error(f"{len(example)} tokens once its {len(sample.images)} image(s) expand to "
-                                       f"{self.image_tokens} tokens each, longer than data.max_length="
+                    each = f"to {self.image_tokens} tokens each" if self.images is None else \
+                        "to their image tokens"
+                    raise sample.error(f"{len(example)} tokens once its {len(sample.images)} image(s) expand "
+                                       f"{each}, longer than data.max_length="
                                        f"{self.max_length}; raise it, or set data.too_long=drop")
                 dropped.append(sample.where)
                 continue
@@ -306,10 +388,10 @@ class VLMDataModule(SourcedDataModule):
             if pair is None or len(questions) >= self.num_eval_questions:
                 continue
             prompt, answer = pair
-            ids = tokenize_prompt(self.tokenizer, prompt)
-            ids, _ = self._expand(ids, list(ids), sample)
+            ids = tokenize_prompt(self.tokenizer, self._messages(prompt))
+            ids, _, extra = self._splice(ids, list(ids), sample)
             text = str(prompt[-1].get("content") or "").replace(self.image_token, "").strip()
-            questions.append(Question(ids, list(sample.images), text, answer, sample.where))
+            questions.append(Question(ids, list(sample.images), text, answer, sample.where, extra))
         return questions
 
     def _captions(self, samples: list[Sample]) -> list[Question]:
@@ -320,9 +402,9 @@ class VLMDataModule(SourcedDataModule):
             if sample.caption is None or len(captions) >= self.num_eval_captions:
                 continue
             ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
-                tok(self.image_token, add_special_tokens=False)["input_ids"]
-            ids, _ = self._expand(ids, list(ids), sample)
-            captions.append(Question(ids, list(sample.images), CAPTION, sample.caption, sample.where))
+                tok(self._placeholders(self.image_token), add_special_tokens=False)["input_ids"]
+            ids, _, extra = self._splice(ids, list(ids), sample)
+            captions.append(Question(ids, list(sample.images), CAPTION, sample.caption, sample.where, extra))
         return captions
 
     def fit(self, train: list[Sample]) -> None:
@@ -331,7 +413,8 @@ class VLMDataModule(SourcedDataModule):
                  for t in texts]
         self.processor = self._build_processor(texts)
         self.tokenizer = self.processor.tokenizer
-        self.image_tokens = self.tokens_per_image()
+        self.images = self._processor_images()
+        self.image_tokens = self.tokens_per_image() if self.images is None else 0
         held_out = self.first_val_items()
         self.questions, self.captions = self._questions(held_out), self._captions(held_out)
 
@@ -339,8 +422,9 @@ class VLMDataModule(SourcedDataModule):
         with preparing(f"vlm {what}: tokenising", total=len(items), unit="sample") as progress:
             examples = self._examples(progress.track(items), what)
             rows = pack_first_fit(examples, self.max_length) if self.packing else [[e] for e in examples]
-            progress.summary = (f"{len(examples)} examples in {len(rows)} rows, {self.image_tokens} image tokens "
-                                "per image")
+            per_image = f"{self.image_tokens} image tokens per image" if self.images is None else \
+                "image tokens as the processor counts them"
+            progress.summary = f"{len(examples)} examples in {len(rows)} rows, {per_image}"
         return Rows(rows)
 
     # ---- batches ------------------------------------------------------------------------
@@ -350,19 +434,43 @@ class VLMDataModule(SourcedDataModule):
             return None
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
+    def image_inputs(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """The model's image inputs for PIL images: ``pixel_values`` and whatever else the processor gives."""
+        if self.images is not None:
+            return self.images.image_tensors(images)
+        pixels = self.pixel_values(images)
+        return {} if pixels is None else {"pixel_values": pixels}
+
     def collate(self, items: list[tuple[list[Example], list[Any]]]) -> dict[str, torch.Tensor]:
-        batch = collate_rows([row for row, _ in items], self.tokenizer.pad_token_id, self.packing,
-                             attention=self.packing_attention)
-        pixels = self.pixel_values([image for _, images in items for image in images])
-        if pixels is not None:
-            batch["pixel_values"] = pixels
+        rows = [row for row, _ in items]
+        batch = collate_rows(rows, self.tokenizer.pad_token_id, self.packing, attention=self.packing_attention)
+        for key in dict.fromkeys(k for row in rows for e in row for k in e.extra):
+            values = torch.zeros_like(batch["input_ids"])
+            for r, row in enumerate(rows):
+                start = 0
+                for e in row:
+                    if key in e.extra:
+                        values[r, start:start + len(e)] = torch.tensor(e.extra[key])
+                    start += len(e)
+            batch[key] = values
+        batch.update(self.image_inputs([image for _, images in items for image in images]))
         return batch
+
+    def generation_inputs(self, question: Question) -> dict[str, torch.Tensor]:
+        """One held-out prompt as model inputs (batch of one), images and per-token arrays included."""
+        ids = torch.tensor([question.input_ids])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        inputs.update({k: torch.tensor([v]) for k, v in question.extra.items()})
+        inputs.update(self.image_inputs([load_image(ref, question) for ref in question.images]))
+        return inputs
 
     def model_hints(self) -> dict[str, Any]:
         t = self.tokenizer
-        return {"vocab_size": len(t), "pad_token_id": t.pad_token_id, "bos_token_id": t.bos_token_id,
-                "eos_token_id": t.eos_token_id, "image_token_id": self.processor.image_token_id,
-                "image_size": self.processor.image_processor.crop_size["height"]}
+        hints = {"vocab_size": len(t), "pad_token_id": t.pad_token_id, "bos_token_id": t.bos_token_id,
+                 "eos_token_id": t.eos_token_id, "image_token_id": self.processor.image_token_id}
+        if self.images is not None:
+            return {**hints, "processor": self.processor}
+        return {**hints, "image_size": self.processor.image_processor.crop_size["height"]}
 
     def sample_inputs(self, n: int) -> list[Question]:
         """Spread over the held-out questions, and a caption or two when there are captions."""

@@ -179,8 +179,10 @@ def build_vlm(name_or_path: str | None = None, vision_tower: str | None = None, 
               image_size: int | None = None, image_token_id: int | None = None, vocab_size: int | None = None,
               pad_token_id: int | None = None, bos_token_id: int | None = None, eos_token_id: int | None = None,
               dtype: str | None = None, warmstart: dict[str, Any] | None = None,
-              cache_dir: str | None = None) -> nn.Module:
-    """A ``LlavaForConditionalGeneration``.
+              cache_dir: str | None = None, family: str | None = None, processor: Any = None,
+              quantization_config: Any = None, freeze_vision_tower: bool | None = None,
+              image_processor: dict[str, Any] | None = None) -> nn.Module:
+    """A ``LlavaForConditionalGeneration``, or any ``AutoModelForImageTextToText`` family.
 
     Args:
         name_or_path: a LLaVA folder (a previous run's ``final/``); ``vision_tower`` / ``language_model``
@@ -193,6 +195,11 @@ def build_vlm(name_or_path: str | None = None, vision_tower: str | None = None, 
             (strategy ``None``: ``full`` for SigLIP, ``default`` - drop CLS - otherwise).
         image_size / image_token_id / vocab_size / *_token_id: from the data (hints).
         dtype: torch dtype name for loaded parts.
+        family: a :mod:`.families` name: with no ``name_or_path``, that family's tiny twin from config
+            (``text`` may shrink or grow its language model), on the data's ``processor`` (a hint).
+        quantization_config: from ``adapter=qlora``, for a hub family loaded in 4 bits.
+        freeze_vision_tower / image_processor: a preset's defaults, read by the objective
+            (``objective.freeze_vision_tower``) and the data (``data.image_processor``), not here.
         warmstart: for the tiny tower from ``vision``: pretrain it on the shapes first (``steps``, ``lr``,
             ``batch_size``, ``seed``; built once, cached under ``cache_dir``: :mod:`.warmstart`); ``None``: random.
             (Its ``freeze`` key is read by the objective's config, not here.)
@@ -200,8 +207,12 @@ def build_vlm(name_or_path: str | None = None, vision_tower: str | None = None, 
     torch_dtype = getattr(torch, dtype) if dtype else None
     if image_token_id is None:
         raise ModalforgeError("build_vlm needs image_token_id (the DataModule adds the image token to the tokenizer)")
+    if name_or_path and not _is_llava(name_or_path):
+        return _image_text_to_text(name_or_path, vocab_size, torch_dtype, quantization_config)
     if name_or_path:
         return _from_llava_folder(name_or_path, vision_tower, language_model, vocab_size, torch_dtype)
+    if family:
+        return _tiny_twin(family, processor, dict(text or {}))
     if vision_tower:
         tower = load_vision_tower(vision_tower)
         strategy = vision_feature_select_strategy or vision_geometry(vision_tower)["strategy"]
@@ -228,6 +239,43 @@ def build_vlm(name_or_path: str | None = None, vision_tower: str | None = None, 
         tower = tower.to(torch_dtype)
     return _join(tower, lm, image_token_id=image_token_id, projector_hidden_act=projector_hidden_act,
                  vision_feature_layer=vision_feature_layer, strategy=strategy)
+
+
+def _is_llava(path: str) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(Path(path).expanduser())).model_type == "llava"
+    except Exception as err:  # noqa: BLE001
+        raise offline_hint(path, err, what="vision-language model") from err
+
+
+def _image_text_to_text(path: str, vocab_size: int | None, dtype: torch.dtype | None,
+                        quantization_config: Any = None) -> nn.Module:
+    """Any family transformers maps to ``AutoModelForImageTextToText`` (Qwen2-VL, Gemma 3, Idefics3...)."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        kwargs = {"dtype": dtype} if dtype else {}
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        model = AutoModelForImageTextToText.from_pretrained(str(Path(path).expanduser()), **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise offline_hint(path, err, what="image-text-to-text model") from err
+    if vocab_size and model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def _tiny_twin(name: str, processor: Any, sizes: dict[str, Any]) -> nn.Module:
+    """A family's shrunk model on the data's processor (offline runs and tests)."""
+    from transformers import AutoModelForImageTextToText
+
+    from modalforge.plugins.multimodal.vlm.families import family
+
+    if processor is None:
+        raise ModalforgeError(f"model.family={name}: the tiny twin needs the data's processor (data.family={name})")
+    return AutoModelForImageTextToText.from_config(family(name).tiny_config(processor, sizes))
 
 
 def _from_llava_folder(path: str, vision_tower: str | None, language_model: str | None, vocab_size: int | None,

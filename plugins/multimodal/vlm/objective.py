@@ -25,12 +25,22 @@ from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.losses import token_loss
 from modalforge.plugins.multimodal.vlm.formats import normalise_answer
+from modalforge.plugins.multimodal.vlm.mrope import packed_mrope_positions
+from modalforge.plugins.multimodal.vlm.parts import Parts, base_model, vlm_parts
 from modalforge.text.generate import END_OF_TURN
 
 
 def _llava(model: nn.Module) -> nn.Module:
-    """The ``LlavaForConditionalGeneration`` inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return base_model(model)
+
+
+def _tower_without_projector(parts: Parts) -> list[nn.Module]:
+    """The tower to freeze; where the projector lives inside it (Qwen2-VL's merger), the rest of it."""
+    children = list(parts.tower.children())
+    if any(child is parts.projector for child in children):
+        return [child for child in children if child is not parts.projector]
+    return [parts.tower]
 
 
 class VLMObjective(ModelObjective):
@@ -71,8 +81,10 @@ class VLMObjective(ModelObjective):
     def _probe_tower(self) -> list[nn.Module]:
         """Check the image token count against the tower's output; return the tower parts LLaVA never uses."""
         llava = _llava(self.model)
+        if self.datamodule is None or getattr(self.datamodule, "images", None) is not None:
+            return []  # the processor counted the image tokens; the model checks them in its forward
         tower = llava.model.vision_tower
-        if any(p.is_meta for p in tower.parameters()) or self.datamodule is None:
+        if any(p.is_meta for p in tower.parameters()):
             return []
         size = self.datamodule.model_hints()["image_size"]
         expected = self.datamodule.image_tokens
@@ -103,24 +115,24 @@ class VLMObjective(ModelObjective):
     def frozen_modules(self) -> list[nn.Module]:
         if self.model is None:
             return []
-        llava = _llava(self.model)
+        parts = vlm_parts(self.model)
         frozen = list(self._unused)
         if self.freeze_vision_tower:
-            frozen.append(llava.model.vision_tower)
+            frozen += _tower_without_projector(parts)
         if self.freeze_language_model:
-            frozen += [llava.model.language_model, llava.lm_head]
+            frozen += [parts.language_model, parts.lm_head]
         if self.freeze_projector:
-            frozen.append(llava.model.multi_modal_projector)
+            frozen.append(parts.projector)
         return frozen
 
     def default_adapter_targets(self) -> list[str]:
         """LoRA goes on the language model's linear layers (never the tower, never the head)."""
         llava = _llava(self.model)
-        return [f"model.language_model.{name}" for name, module in llava.model.language_model.named_modules()
-                if isinstance(module, nn.Linear)]
+        inside = {id(m) for m in vlm_parts(llava).language_model.modules()}
+        return [name for name, module in llava.named_modules() if isinstance(module, nn.Linear) and id(module) in inside]
 
     def trainable_heads(self) -> list[str]:
-        return [] if self.freeze_projector else ["multi_modal_projector"]
+        return [] if self.freeze_projector else [vlm_parts(self.model).projector_name]
 
     def block_classes(self) -> set[type[nn.Module]]:
         if self.model is None:
@@ -132,9 +144,11 @@ class VLMObjective(ModelObjective):
     def _forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         # use_cache=False: with a cache transformers does not derive packed boundaries from position ids
         # module.loss_impl: chunked applies the LM head per chunk of rows, never holding the full logits
-        out = token_loss(self.model, batch["labels"], impl=self.loss_impl, input_ids=batch["input_ids"],
-                         pixel_values=batch.get("pixel_values"), attention_mask=batch.get("attention_mask"),
-                         position_ids=batch.get("position_ids"))
+        # every other key is a model input the processor made (image_grid_thw, token types, pixel masks...)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if "position_ids" in inputs and "mm_token_type_ids" in inputs:
+            inputs["position_ids"] = packed_mrope_positions(_llava(self.model), inputs)
+        out = token_loss(self.model, batch["labels"], impl=self.loss_impl, **inputs)
         count = out.count
         metrics = {"token_acc": out.accuracy} if out.accuracy is not None else {}
         return StepOutput(loss=out.loss, metrics=metrics, num_tokens=count,
@@ -170,22 +184,19 @@ class VLMObjective(ModelObjective):
     @torch.no_grad()
     def answer(self, questions: list[Any], max_new_tokens: int) -> list[str]:
         """Greedy answers to held-out questions (their prompts already carry expanded image tokens)."""
-        from modalforge.plugins.multimodal.vlm.data import load_image
-
         dm = self.datamodule
         tokenizer = dm.tokenizer
         device = next(self.model.parameters()).device
         vocab = tokenizer.get_vocab()
         stop = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
         answers = []
+        dtype = next(self.model.parameters()).dtype
         for q in questions:
-            ids = torch.tensor([q.input_ids], device=device)
-            pixels = dm.pixel_values([load_image(ref, q) for ref in q.images])
-            kwargs = {"pixel_values": pixels.to(device, next(self.model.parameters()).dtype)} if pixels is not None \
-                else {}
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=stop, **kwargs)
+            inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                      for k, v in dm.generation_inputs(q).items()}
+            ids = inputs["input_ids"]
+            out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
             answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
         return answers
 

@@ -19,10 +19,13 @@ IMAGE_TEXT: str = "<image>"
 SPECIAL_TOKENS: list[str] = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 PATCHES_PER_SIDE = 2
 
-# The published template, plus a branch for plain-string contents.
+# The published template, plus a branch for plain-string contents (assistant strings in a generation
+# block, as the published template does for assistant text parts: what is learned).
 CHAT_TEMPLATE: str | None = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% if message['content'] is string %}{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }}{% endgeneration %}{% else %}{{ message['content'] }}{% endif %}"
+    "{% else %}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
     "{{ '<image>\n' }}{% endfor %}"
     "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"

@@ -1,0 +1,148 @@
+"""vlm on image-text-to-text families beyond LLaVA: each family's tiny twin trains, exports and generates.
+
+The twins (``model=vlm/<family> model.name_or_path=null``) are built from shrunk configs with the family's
+own processor class, image processor and chat template around a BPE trained on the data, so the hub
+path (``AutoModelForImageTextToText`` + ``AutoProcessor`` from a folder) is what the second half of each
+test exercises on the exported ``final/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modalforge.config import compose
+from modalforge.losses import token_loss
+from modalforge.plugins.multimodal.vlm.families import family
+from modalforge.run import build_components, build_module, run
+from modalforge.text.tokenize import IGNORE
+
+FAMILIES = ["qwen2_vl", "gemma3", "idefics3", "llava_onevision"]
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+FAST = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
+        "trainer.num_sanity_val_steps=0", "logger=csv", "module.num_samples=0"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """Squares of two colours (two sizes, so dynamic-resolution families see two token counts)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("colours")
+    lines = []
+    for i in range(32):
+        name = list(COLOURS)[i % 2]
+        size = (32, 32) if i % 4 < 2 else (48, 32)
+        path = root / f"{i}.png"
+        Image.new("RGB", size, COLOURS[name]).save(path)
+        lines.append({"images": [str(path)], "messages": [
+            {"role": "user", "content": "<image>What colour is it?"}, {"role": "assistant", "content": name}]})
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    return root / "train.jsonl"
+
+
+def _overrides(name: str, manifest: Path, run_dir: Path, *extra: str) -> list[str]:
+    packing = str(family(name).PACKING).lower()
+    return ["plugin=vlm", f"model=vlm/{name}", "model.name_or_path=null", f"data.train={manifest}",
+            f"data.val={manifest}", "data.vocab_size=300", "data.batch_size=4", f"data.packing={packing}",
+            "data.num_eval_questions=4", "data.max_length=256", f"run_dir={run_dir}", *FAST, *extra]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_twin_learns_exports_and_generates_like_its_processor(name, manifest, tmp_path):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cfg = compose(_overrides(name, manifest, tmp_path, "trainer.max_steps=24", "trainer.val_check_interval=24",
+                             "optim.lr=3e-3", "optim.warmup_steps=2", "optim.scheduler=constant"))
+    trainer, module, dm = run(cfg, tmp_path)
+    rows = [line.split(",") for line in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()]
+    losses = [float(r[rows[0].index("train/loss")]) for r in rows[1:] if r[rows[0].index("train/loss")]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    final = tmp_path / "final"
+    model = AutoModelForImageTextToText.from_pretrained(str(final)).eval()
+    processor = AutoProcessor.from_pretrained(str(final))
+    assert type(model).__name__ == type(module.objective.model).__name__
+    question = dm.questions[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[Image.open(question.images[0].path)], text=[prompt], return_tensors="pt",
+                       add_special_tokens=False)
+    assert inputs["input_ids"][0].tolist() == question.input_ids  # the tokens the DataModule trained on
+    for key, values in question.extra.items():
+        assert inputs[key][0].tolist() == values
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def _setup(overrides: list[str]):
+    cfg = compose(overrides)
+    dm, objective, adapter = build_components(cfg)
+    module = build_module(cfg, objective, adapter)
+    dm.setup()
+    objective.connect(dm)
+    module.configure_model()
+    return dm, objective
+
+
+def test_qwen2_vl_packed_rows_are_exact_with_per_sample_mrope(manifest, tmp_path):
+    from modalforge.plugins.multimodal.vlm.mrope import packed_mrope_positions
+
+    base = _overrides("qwen2_vl", manifest, tmp_path, "data.max_length=400")
+    dm, objective = _setup([*base, "data.packing=false"])
+    dm_packed, _ = _setup([*base, "data.packing=true"])
+    model = objective.model.eval()
+    every = lambda d: d.collate([d.train_set[i] for i in range(len(d.train_set))])  # noqa: E731 - all examples
+    unpacked, packed = every(dm), every(dm_packed)
+    assert packed["input_ids"].shape[0] < unpacked["input_ids"].shape[0]  # rows really hold several samples
+
+    def loss(batch, positions=True):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if positions and "position_ids" in inputs:
+            inputs["position_ids"] = packed_mrope_positions(model, inputs)
+        with torch.no_grad():
+            out = token_loss(model, batch["labels"], impl="dense", **inputs)
+        return out.loss, out.count
+
+    (ours, count), (reference, count_ref) = loss(packed), loss(unpacked)
+    assert count == count_ref == int((unpacked["labels"][:, 1:] != IGNORE).sum())
+    assert torch.allclose(ours, reference, atol=1e-5), (ours, reference)
+    naive, _ = loss(packed, positions=False)  # 1-D positions: the images lose their 2-D rope
+    assert not torch.allclose(naive, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_qwen2_vl_adapters_train_the_lm_and_the_merger_and_freeze_the_vit(adapter, manifest, tmp_path):
+    overrides = _overrides("qwen2_vl", manifest, tmp_path, f"adapter={adapter}", "trainer.max_steps=4",
+                           "trainer.val_check_interval=4", "data.num_eval_questions=1")
+    _, objective = _setup(overrides)
+    trainable = {n for n, p in objective.model.named_parameters() if p.requires_grad}
+    assert any("language_model" in n and "lora_" in n for n in trainable)
+    assert any(".merger.modules_to_save." in n for n in trainable)  # the projector trains in full
+    assert not any(".visual.blocks." in n or "patch_embed" in n for n in trainable)  # the ViT stays frozen
+    if adapter == "qlora":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in objective.model.modules())
+    trainer, module, dm = run(compose(overrides), tmp_path)
+    assert trainer.global_step == 4 and (tmp_path / "final" / "config.json").is_file()  # a from-config base: merged
+
+
+def test_a_family_that_cannot_pack_says_so(manifest, tmp_path, monkeypatch):
+    from modalforge.data.errors import DataError
+
+    monkeypatch.setattr(family("gemma3"), "PACKING", False)  # as for a family whose packed rows are not exact
+    with pytest.raises(DataError, match="data.packing=true is not exact for gemma3"):
+        _setup([*_overrides("gemma3", manifest, tmp_path), "data.packing=true"])
+
+
+def test_a_family_twin_passes_the_conformance_suite(manifest, tmp_path):
+    from modalforge.testing import assert_plugin_conforms
+
+    report = assert_plugin_conforms("vlm", tmp_path, ["model=vlm/qwen2_vl", "model.name_or_path=null",
+                                                      f"data.train={manifest}", f"data.val={manifest}",
+                                                      "data.vocab_size=300", "data.num_eval_questions=2"], steps=6)
+    assert not any(".visual.blocks." in name for name in report.changed)  # the preset's frozen ViT
