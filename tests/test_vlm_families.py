@@ -76,6 +76,12 @@ def test_family_twin_learns_exports_and_generates_like_its_processor(name, manif
         assert inputs[key][0].tolist() == values
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+    # the hub path: model.name_or_path=<folder> loads the model and its processor, the same tokens and weights
+    dm2, objective2 = _setup([o for o in _overrides(name, manifest, tmp_path / "again") if "name_or_path" not in o]
+                             + [f"model.name_or_path={final}", "model.image_processor=null"])  # the twin's sizes
+    assert dm2.questions[0].input_ids == question.input_ids and dm2.questions[0].extra == question.extra
+    weights = dict(model.named_parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in objective2.model.named_parameters() if n in weights)
 
 
 def _setup(overrides: list[str]):
@@ -146,3 +152,13 @@ def test_a_family_twin_passes_the_conformance_suite(manifest, tmp_path):
                                                       f"data.train={manifest}", f"data.val={manifest}",
                                                       "data.vocab_size=300", "data.num_eval_questions=2"], steps=6)
     assert not any(".visual.blocks." in name for name in report.changed)  # the preset's frozen ViT
+
+
+@pytest.mark.slow
+def test_a_family_twin_under_fsdp2_equals_one_process_and_exports(tmp_path):
+    """Qwen2-VL's twin on two processes: packed M-RoPE rows, per-image grids split by rank, a gathered export."""
+    from modalforge.testing import assert_plugin_conforms_sharded
+
+    assert_plugin_conforms_sharded("vlm", tmp_path, ["model=vlm/qwen2_vl", "model.name_or_path=null",
+                                                     "data.num_eval_questions=2"],
+                                   steps=2, resume=False, samples=True, export=True)

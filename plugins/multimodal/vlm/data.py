@@ -9,7 +9,9 @@ kept apart by position ids that restart at each sample (or the chat code's block
 ``data.packing_attention=dense``); images follow their sample, in order.
 
 The processor (tokenizer with the image token, CLIP-style image processor, patch size) is a
-``transformers`` ``LlavaProcessor``, saved with the model, so ``AutoProcessor`` loads ``final/``.
+``transformers`` ``LlavaProcessor``, saved with the model, so ``AutoProcessor`` loads ``final/``. For any
+other family (Qwen2-VL, Gemma 3, Idefics3...) the family's own processor counts and expands the image
+tokens (:mod:`.expansion`) and this module never does.
 
 Empty values / truncated media / duplicates / mixed types: as :mod:`.formats` says (blank captions
 and answers, non-string texts and missing image files are errors naming the record); a cut or

@@ -1,4 +1,5 @@
-"""vlm model: ``LlavaForConditionalGeneration`` from a config, a LLaVA folder, or two pretrained parts.
+"""vlm model: ``LlavaForConditionalGeneration`` from a config, a LLaVA folder, or two pretrained parts;
+any other ``AutoModelForImageTextToText`` family from its folder, or as its tiny twin (:mod:`.families`).
 
 Three ways in, one model out (plain transformers LLaVA, so ``final/`` loads anywhere):
 
