@@ -56,12 +56,18 @@ def test_family_twin_learns_exports_and_generates_like_its_processor(name, manif
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    cfg = compose(_overrides(name, manifest, tmp_path, "trainer.max_steps=24", "trainer.val_check_interval=24",
-                             "optim.lr=3e-3", "optim.warmup_steps=2", "optim.scheduler=constant"))
+    # LLaVA-OneVision's published template trains answers after "assistant " but prompts with "assistant\n"
+    # (README): its twin trains on chatml, given as data.chat_template, which the exported processor keeps
+    template = ["data.chat_template=chatml"] if name == "llava_onevision" else []
+    cfg = compose(_overrides(name, manifest, tmp_path, "trainer.max_steps=48", "trainer.val_check_interval=48",
+                             "optim.lr=3e-3", "optim.warmup_steps=2", "optim.scheduler=constant",
+                             "data.num_eval_questions=8", *template))
     trainer, module, dm = run(cfg, tmp_path)
     rows = [line.split(",") for line in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()]
-    losses = [float(r[rows[0].index("train/loss")]) for r in rows[1:] if r[rows[0].index("train/loss")]]
-    assert losses[-1] < 0.7 * losses[0], losses
+    column = lambda key: [float(r[rows[0].index(key)]) for r in rows[1:] if r[rows[0].index(key)]]  # noqa: E731
+    losses, accs = column("train/loss"), column("val/acc")
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert accs[-1] >= 0.75, accs  # which colour: chance is 1/2
     final = tmp_path / "final"
     model = AutoModelForImageTextToText.from_pretrained(str(final)).eval()
     processor = AutoProcessor.from_pretrained(str(final))
@@ -79,6 +85,7 @@ def test_family_twin_learns_exports_and_generates_like_its_processor(name, manif
     # the hub path: model.name_or_path=<folder> loads the model and its processor, the same tokens and weights
     dm2, objective2 = _setup([o for o in _overrides(name, manifest, tmp_path / "again") if "name_or_path" not in o]
                              + [f"model.name_or_path={final}", "model.image_processor=null"])  # the twin's sizes
+    assert dm2.tokenizer.chat_template == dm.tokenizer.chat_template
     assert dm2.questions[0].input_ids == question.input_ids and dm2.questions[0].extra == question.extra
     weights = dict(model.named_parameters())
     assert all(torch.equal(p, weights[n]) for n, p in objective2.model.named_parameters() if n in weights)

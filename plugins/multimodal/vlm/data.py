@@ -43,7 +43,7 @@ from modalforge.plugins.multimodal.vlm.formats import Sample, final_answer, pars
 from modalforge.plugins.multimodal.vlm.synthetic import write_vlm_sets
 from modalforge.text.formats import Message
 from modalforge.text.packing import collate_rows, pack_first_fit
-from modalforge.text.templates import TEMPLATES
+from modalforge.text.templates import TEMPLATES, apply_template
 from modalforge.text.tokenize import IGNORE, Tokenized, tokenize_conversation, tokenize_prompt
 from modalforge.text.tokenizer import build_tokenizer, conversation_texts
 
@@ -292,6 +292,11 @@ class VLMDataModule(SourcedDataModule):
                             "(or get wrong multimodal positions); set data.packing=false")
         image_text = spec.IMAGE_TEXT if spec else (getattr(self.processor, "boi_token", None)
                                                    or self.processor.image_token)
+        if self.chat_template not in ("auto", "tokenizer"):  # a built-in or a .jinja file replaces the family's
+            apply_template(self.tokenizer, self.chat_template)
+            if self.tokenizer.chat_template in TEMPLATES.values():
+                self.tokenizer.chat_template = multimodal_template(self.tokenizer.chat_template, image_text)
+            self.processor.chat_template = self.tokenizer.chat_template
         settings = self.image_processor_settings if self.processor_path else {}  # a twin keeps its own sizes
         return ProcessorImages(self.processor, image_text, settings)
 
