@@ -62,12 +62,15 @@ def _task(cfg) -> None:  # noqa: ANN001 - DictConfig, imported lazily
     from modalforge.errors import distributed_failure, missing_dependency, user_error
     from modalforge.run import run
     from modalforge.scale import launch
+    from modalforge.scale.ranks import close_process_group
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     launch.watch_children()  # a dead child process: this process reports it rather than being SIGKILLed silently
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
+        trainer, _, _ = run(cfg, HydraConfig.get().runtime.output_dir)
+        if not trainer.interrupted:  # an interrupted rank's peers may be gone: no barrier with them
+            close_process_group()  # before interpreter exit, which can abort a finished gloo run
     except SIGTERMException:  # a SystemExit: a preempted job, checkpointed by CheckpointOnInterrupt
         sys.stdout.flush()
         if launch.is_rank_zero():
