@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 from modalforge.errors import ModalforgeError
 
@@ -35,3 +36,22 @@ def family_of(model_type: str) -> ModuleType | None:
         if model_type in module.MODEL_TYPES:
             return module
     return None
+
+
+def tiny_text(tokenizer: Any, sizes: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A twin's language model config: 64 wide, 2 layers, 4 heads (2 kv), on ``tokenizer``'s vocabulary.
+
+    ``sizes`` (``model.text``) may change the five sizes; widths stay multiples of 32 so that
+    bitsandbytes' CPU 4-bit kernels take every layer (``adapter=qlora``)."""
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2}
+    text.update({k: v for k, v in sizes.items() if k in text})
+    return {**text, "vocab_size": len(tokenizer), "max_position_embeddings": 2048, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **fields}
+
+
+def check_image_size(name: str, image_size: int, multiple: int) -> None:
+    """A twin's patch grid needs the image side to divide evenly."""
+    if image_size % multiple:
+        raise ModalforgeError(f"the {name} tiny twin takes square images whose side is a multiple of {multiple}, "
+                              f"not data.image_size={image_size}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from modalforge.plugins.multimodal.vlm.families import check_image_size, tiny_text
+
 MODEL_TYPES: tuple[str, ...] = ("gemma3",)
 HUB_ID: str = "google/gemma-3-4b-it"
 PACKING: bool = True
@@ -61,8 +63,7 @@ def build_processor(tokenizer: Any, image_size: int) -> Any:
     """``Gemma3Processor``; the tokenizer gets the named boi/eoi/image tokens the processor reads."""
     from transformers import Gemma3ImageProcessor, Gemma3Processor
 
-    if image_size % PATCHES_PER_SIDE:
-        raise ValueError(f"gemma3 tiny twin: image_size {image_size} is not a multiple of {PATCHES_PER_SIDE}")
+    check_image_size("gemma3", image_size, PATCHES_PER_SIDE)
     # Gemma3Processor reads tokenizer.boi_token / eoi_token / image_token (+ _id): named
     # model-specific special tokens, saved in tokenizer_config.json and restored on load.
     tokenizer._set_model_specific_special_tokens({
@@ -79,12 +80,8 @@ def tiny_config(processor: Any, sizes: dict) -> Any:
 
     tok = processor.tokenizer
     image_size = processor.image_processor.size["height"]
-    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2}
-    text.update({k: v for k, v in sizes.items() if k in text})
-    text.update(head_dim=text["hidden_size"] // text["num_attention_heads"], vocab_size=len(tok),
-                sliding_window=64, max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    text = tiny_text(tok, sizes, sliding_window=64)
+    text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
               "image_size": image_size, "patch_size": image_size // PATCHES_PER_SIDE}
     return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=processor.image_seq_length,

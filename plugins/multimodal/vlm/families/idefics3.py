@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from modalforge.plugins.multimodal.vlm.families import check_image_size, tiny_text
+
 MODEL_TYPES: tuple[str, ...] = ("idefics3",)
 HUB_ID: str = "HuggingFaceTB/SmolVLM-Instruct"
 PACKING: bool = True
@@ -37,8 +39,7 @@ def build_processor(tokenizer: Any, image_size: int) -> Any:
     """``Idefics3Processor`` without image splitting: one ``image_size`` square per image."""
     from transformers import Idefics3ImageProcessor, Idefics3Processor
 
-    if image_size % (PATCHES_PER_SIDE * 1):
-        raise ValueError(f"idefics3 tiny twin: image_size {image_size} is not a multiple of {PATCHES_PER_SIDE}")
+    check_image_size("idefics3", image_size, PATCHES_PER_SIDE)
     image_processor = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": image_size},
                                              max_image_size={"longest_edge": image_size})
     seq_len = (PATCHES_PER_SIDE // SCALE_FACTOR) ** 2
@@ -52,11 +53,7 @@ def tiny_config(processor: Any, sizes: dict) -> Any:
 
     tok = processor.tokenizer
     image_size = processor.image_processor.max_image_size["longest_edge"]
-    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2}
-    text.update({k: v for k, v in sizes.items() if k in text})
-    text.update(model_type="llama", vocab_size=len(tok), max_position_embeddings=2048,
-                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    text = tiny_text(tok, sizes, model_type="llama")
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
               "image_size": image_size, "patch_size": image_size // PATCHES_PER_SIDE}
     return Idefics3Config(text_config=text, vision_config=vision, scale_factor=SCALE_FACTOR,

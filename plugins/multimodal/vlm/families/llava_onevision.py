@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from modalforge.plugins.multimodal.vlm.families import check_image_size, tiny_text
+
 MODEL_TYPES: tuple[str, ...] = ("llava_onevision",)
 HUB_ID: str = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 PACKING: bool = True
@@ -42,8 +44,7 @@ def build_processor(tokenizer: Any, image_size: int) -> Any:
     """``LlavaOnevisionProcessor`` with a single ``image_size`` pinpoint (the video processor is required)."""
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
-    if image_size % PATCHES_PER_SIDE:
-        raise ValueError(f"llava_onevision tiny twin: image_size {image_size} is odd")
+    check_image_size("llava_onevision", image_size, PATCHES_PER_SIDE)
     square = {"height": image_size, "width": image_size}
     image_processor = LlavaOnevisionImageProcessor(size=square, crop_size=square,
                                                    image_grid_pinpoints=[[image_size, image_size]])
@@ -59,11 +60,7 @@ def tiny_config(processor: Any, sizes: dict) -> Any:
 
     tok = processor.tokenizer
     image_size = processor.image_processor.size["height"]
-    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2}
-    text.update({k: v for k, v in sizes.items() if k in text})
-    text.update(model_type="qwen2", vocab_size=len(tok), max_position_embeddings=2048,
-                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    text = tiny_text(tok, sizes, model_type="qwen2")
     vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": image_size,
               "patch_size": image_size // PATCHES_PER_SIDE}

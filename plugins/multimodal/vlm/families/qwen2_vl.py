@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from modalforge.plugins.multimodal.vlm.families import tiny_text
+
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 HUB_ID = "Qwen/Qwen2-VL-2B-Instruct"
 PACKING = True  # with per-sample M-RoPE positions (the objective's mrope_positions)
@@ -52,15 +54,11 @@ def tiny_config(processor: Any, sizes: dict[str, Any]) -> Any:
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in
            (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    text = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2}
-    text.update({k: v for k, v in sizes.items() if k in text})
+    text = tiny_text(tok, sizes)
     half_head = text["hidden_size"] // text["num_attention_heads"] // 2
     section = [half_head - 2 * (half_head // 3), half_head // 3, half_head // 3]  # temporal, height, width
     return Qwen2VLConfig(
-        text_config={**text, "vocab_size": len(tok), "max_position_embeddings": 1024, "pad_token_id": tok.pad_token_id,
-                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}},
+        text_config={**text, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}},
         vision_config={"depth": 2, "embed_dim": 64, "hidden_size": text["hidden_size"], "num_heads": 2,
                        "mlp_ratio": 2, "patch_size": _PATCH, "spatial_merge_size": _MERGE, "temporal_patch_size": 2},
         tie_word_embeddings=True, **ids)
