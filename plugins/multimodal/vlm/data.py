@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset
 
 from modalforge.data.cache import cache_root, ensure_built
 from modalforge.data.errors import DataError
+from modalforge.errors import ConfigError
 from modalforge.data.images import ImageRef, open_image
 from modalforge.data.readers import Record
 from modalforge.data.datamodule import SourcedDataModule
@@ -39,8 +41,10 @@ from modalforge.progress import preparing
 from modalforge.data.tokenizers import cached_bpe
 from modalforge.plugins.multimodal.vlm.expansion import ProcessorImages
 from modalforge.plugins.multimodal.vlm.families import family, family_of
-from modalforge.plugins.multimodal.vlm.formats import Sample, final_answer, parse_record
+from modalforge.plugins.multimodal.vlm.formats import VIDEO_PLACEHOLDER, Sample, final_answer, parse_record
+from modalforge.plugins.multimodal.vlm.motion import write_motion_sets
 from modalforge.plugins.multimodal.vlm.synthetic import write_vlm_sets
+from modalforge.plugins.multimodal.vlm.video import VideoRef, load_frames
 from modalforge.text.formats import Message
 from modalforge.text.packing import collate_rows, pack_first_fit
 from modalforge.text.templates import TEMPLATES, apply_template
@@ -56,15 +60,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # the chat plugin's templates so `AutoProcessor.apply_chat_template` takes HF-style image parts.
 _CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
             "{% for part in message['content'] %}{% if part['type'] in ['image', 'image_url'] %}{{ '@IMAGE@' }}"
+            "{% elif part['type'] == 'video' %}{{ '@VIDEO@' }}"
             "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}")
 
 
-def multimodal_template(template: str, image_token: str) -> str:
-    """A chat plugin template that also renders ``{"type": "image"}`` / ``{"type": "text"}`` content parts."""
+def multimodal_template(template: str, image_token: str, video_token: str | None = None) -> str:
+    """A chat plugin template that also renders ``{"type": "image"}`` / ``"video"`` / ``"text"`` content parts."""
     needle = "{{ message['content'] }}"
     if needle not in template or "part['type']" in template:
         return template
-    return template.replace(needle, _CONTENT.replace("@IMAGE@", image_token))
+    return template.replace(needle, _CONTENT.replace("@IMAGE@", image_token).replace("@VIDEO@", video_token or ""))
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Example(Tokenized):
     source: str = ""
     location: str = ""
     extra: dict[str, list[int]] = field(default_factory=dict)  # per-token arrays of the processor (mm types)
+    videos: list[VideoRef] = field(default_factory=list)
 
 
 @dataclass
@@ -91,27 +97,31 @@ class Question:
     answer: str
     where: str
     extra: dict[str, list[int]] = field(default_factory=dict)
+    videos: list[VideoRef] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return json.dumps({"images": [r.describe() for r in self.images], "question": self.question,
-                           "answer": self.answer})
+        media = {"images": [r.describe() for r in self.images]}
+        if self.videos:
+            media["videos"] = [v.describe() for v in self.videos]
+        return json.dumps({**media, "question": self.question, "answer": self.answer})
 
 
 CAPTION = "(caption)"
 
 
 class Rows(Dataset):
-    """Rows of one (unpacked) or several (packed) examples, with their images opened."""
+    """Rows of one (unpacked) or several (packed) examples, with their images opened and videos' frames read."""
 
-    def __init__(self, rows: list[list[Example]]) -> None:
-        self.rows = rows
+    def __init__(self, rows: list[list[Example]], read_video: Any = None) -> None:
+        self.rows, self.read_video = rows, read_video
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[list[Example], list[Any]]:
+    def __getitem__(self, index: int) -> tuple[list[Example], list[Any], list[list[Any]]]:
         row = self.rows[index]
-        return row, [load_image(ref, e) for e in row for ref in e.images]
+        videos = [self.read_video(ref, e) for e in row for ref in e.videos]
+        return row, [load_image(ref, e) for e in row for ref in e.images], videos
 
 
 def load_image(ref: ImageRef, example: Example | Sample | Question):  # noqa: ANN201 - PIL image
@@ -119,9 +129,14 @@ def load_image(ref: ImageRef, example: Example | Sample | Question):  # noqa: AN
     try:
         return open_image(ref)
     except DataError as err:
-        source, location = (example.source, example.location) if not isinstance(example, Question) else (
-            example.where, None)
+        source, location = _where(example)
         raise DataError(f"image {ref.describe()}: {err.detail}", source=source, location=location) from None
+
+
+def _where(example: Example | Sample | Question) -> tuple[str | None, str | None]:
+    if isinstance(example, Question):
+        return example.where, None
+    return example.source, example.location
 
 
 class VLMDataModule(SourcedDataModule):
@@ -129,7 +144,8 @@ class VLMDataModule(SourcedDataModule):
 
     Args:
         train / val: manifests (jsonl/json/parquet/csv), webdataset shards or ``hf:`` datasets; ``None``
-            generates the shapes demo (``demo``: ``questions`` or ``captions``).
+            generates the shapes demo (``demo``: ``questions`` or ``captions``), or moving-shape clips
+            (``demo=motion``: "which way does the square move?", for families that take video).
         format: force a record format (``messages``, ``llava``, ``document``, ``caption``); ``None`` detects.
         chat_template: ``auto`` (the tokenizer's own, else chatml), ``tokenizer``, ``chatml`` or ``llama3``.
         train_on: ``assistant`` (chats: completion-only loss) or ``all``; documents and captions learn all text.
@@ -160,12 +176,15 @@ class VLMDataModule(SourcedDataModule):
         num_eval_questions: held-out questions answered greedily at each validation (``val/acc``).
         num_eval_captions: held-out ``caption`` records of the validation set captioned greedily at each
             validation (``val/caption_bleu``, ``val/caption_rougeL``).
+        video_frames: frames sampled evenly from each video (file or frame list); ``None`` with
+            ``video_fps`` samples by time instead.
+        video_fps: frames per second sampled from video files (``video_frames`` must then be ``None``).
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
     def __init__(self, train: Any = None, val: Any = None,
                  format: Literal["messages", "llava", "document", "caption"] | None = None,
-                 demo: Literal["questions", "captions"] = "questions",
+                 demo: Literal["questions", "captions", "motion"] = "questions",
                  chat_template: Literal["auto", "tokenizer", "chatml", "llama3"] = "auto",
                  train_on: Literal["assistant", "all"] = "assistant", max_length: int = 320,
                  too_long: Literal["error", "drop"] = "error", packing: bool = True,
@@ -174,7 +193,8 @@ class VLMDataModule(SourcedDataModule):
                  tokenizer: str | None = None, vision_tower: str | None = None, image_size: int | None = None,
                  patch_size: int = 4, vision_feature_select_strategy: Literal["default", "full"] | None = None,
                  image_token: str = "<image>", vocab_size: int = 512,
-                 num_eval_questions: int = 64, num_eval_captions: int = 32, batch_size: int = 8, num_workers: int = 0,
+                 num_eval_questions: int = 64, num_eval_captions: int = 32, video_frames: int | None = 8,
+                 video_fps: float | None = None, batch_size: int = 8, num_workers: int = 0,
                  val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
@@ -188,6 +208,14 @@ class VLMDataModule(SourcedDataModule):
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vocab_size, self.num_eval_questions = vocab_size, num_eval_questions
         self.num_eval_captions = num_eval_captions
+        if video_frames is not None and video_fps is not None:
+            raise ConfigError("sample videos by count or by time, not both", where="data.video_frames / data.video_fps",
+                              hint="set data.video_frames=null to sample data.video_fps frames per second")
+        if (video_frames is None and video_fps is None) or (video_frames is not None and video_frames < 1) or (
+                video_fps is not None and video_fps <= 0):
+            raise ConfigError(f"video_frames={video_frames}, video_fps={video_fps}: give one, positive",
+                              where="data.video_frames / data.video_fps")
+        self.video_frames, self.video_fps = video_frames, video_fps
         self.tokenizer: Any = None
         self.image_tokens = 0
         self.questions: list[Question] = []
@@ -196,6 +224,9 @@ class VLMDataModule(SourcedDataModule):
 
     # ---- sources ------------------------------------------------------------------------
     def synthetic_data(self) -> tuple[str, str]:
+        if self.demo == "motion":
+            folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "vlm-motion-v2", write_motion_sets)
+            return str(folder / "motion_train.jsonl"), str(folder / "motion_val.jsonl")
         folder = ensure_built(cache_root(self.cache_dir) / "synthetic" / "vlm-shapes-v4", write_vlm_sets)
         return str(folder / f"{self.demo}_train.jsonl"), str(folder / f"{self.demo}_val.jsonl")
 
@@ -292,13 +323,15 @@ class VLMDataModule(SourcedDataModule):
                             "(or get wrong multimodal positions); set data.packing=false")
         image_text = spec.IMAGE_TEXT if spec else (getattr(self.processor, "boi_token", None)
                                                    or self.processor.image_token)
+        video_text = getattr(spec, "VIDEO_TEXT", None) if spec else (
+            getattr(self.processor, "video_token", None) if getattr(self.processor, "video_processor", None) else None)
         if self.chat_template not in ("auto", "tokenizer"):  # a built-in or a .jinja file replaces the family's
             apply_template(self.tokenizer, self.chat_template)
             if self.tokenizer.chat_template in TEMPLATES.values():
-                self.tokenizer.chat_template = multimodal_template(self.tokenizer.chat_template, image_text)
+                self.tokenizer.chat_template = multimodal_template(self.tokenizer.chat_template, image_text, video_text)
             self.processor.chat_template = self.tokenizer.chat_template
         settings = self.image_processor_settings if self.processor_path else {}  # a twin keeps its own sizes
-        return ProcessorImages(self.processor, image_text, settings)
+        return ProcessorImages(self.processor, image_text, settings, video_text=video_text)
 
     def tokens_per_image(self) -> int:
         """Image tokens per image, as ``LlavaProcessor`` counts them for its image size and patch size."""
@@ -309,30 +342,42 @@ class VLMDataModule(SourcedDataModule):
 
     # ---- tokenisation -------------------------------------------------------------------
     def _placeholders(self, text: str) -> str:
-        """The record's image placeholders as the family's template renders an image part."""
-        return text.replace(self.image_token, self.images.image_text) if self.images is not None else text
+        """The record's image (and video) placeholders as the family's template renders an image part."""
+        if self.images is None:
+            return text
+        text = text.replace(self.image_token, self.images.image_text)
+        return text.replace(VIDEO_PLACEHOLDER, self.images.video_text) if self.images.video_text else text
+
+    def read_video(self, ref: VideoRef, example: Example | Sample | Question) -> list[Any]:
+        """The video's sampled frames, or a ``DataError`` naming the record and the video."""
+        try:
+            return load_frames(ref, self.video_frames, self.video_fps)
+        except DataError as err:
+            source, location = _where(example)
+            raise DataError(f"video {ref.describe()}: {err.detail}", source=source, location=location) from None
 
     def _splice(self, ids: list[int], labels: list[int],
                 sample: Sample) -> tuple[list[int], list[int], dict[str, list[int]]]:
         if self.images is None:
+            if sample.videos:
+                raise sample.error("a video record, but LLaVA takes images only: train a family that takes video "
+                                   "(model=vlm/qwen2_vl or model=vlm/llava_onevision)")
             return (*self._expand(ids, labels, sample), {})
-        return self.images.splice(ids, labels, [load_image(ref, sample) for ref in sample.images], sample)
+        return self.images.splice(ids, labels, [load_image(ref, sample) for ref in sample.images], sample,
+                                  videos=[self.read_video(ref, sample) for ref in sample.videos])
 
     def _messages(self, messages: list[Message]) -> list[Message]:
         """Contents with images as ``{"type": "image"}`` parts, as the family's published template expects."""
         if self.images is None:
             return messages
-        return [{**m, "content": self._parts(m["content"])}
-                if isinstance(m.get("content"), str) and self.image_token in m["content"] else m for m in messages]
+        media = re.compile(f"({re.escape(self.image_token)}|{re.escape(VIDEO_PLACEHOLDER)})")
+        return [{**m, "content": self._parts(media.split(m["content"]))}
+                if isinstance(m.get("content"), str) and media.search(m["content"]) else m for m in messages]
 
-    def _parts(self, content: str) -> list[dict[str, str]]:
-        parts: list[dict[str, str]] = []
-        for i, text in enumerate(content.split(self.image_token)):
-            if i:
-                parts.append({"type": "image"})
-            if text:
-                parts.append({"type": "text", "text": text})
-        return parts
+    def _parts(self, pieces: list[str]) -> list[dict[str, str]]:
+        """Placeholders and texts (``re.split`` with the placeholders kept) as content parts."""
+        kinds = {self.image_token: "image", VIDEO_PLACEHOLDER: "video"}
+        return [{"type": kinds[p]} if p in kinds else {"type": "text", "text": p} for p in pieces if p]
 
     def _expand(self, ids: list[int], labels: list[int], sample: Sample) -> tuple[list[int], list[int]]:
         image_id = self.processor.image_token_id
@@ -362,7 +407,7 @@ class VLMDataModule(SourcedDataModule):
             labels = list(ids)
         ids, labels, extra = self._splice(ids, labels, sample)
         return Example(ids, labels, images=list(sample.images), source=sample.source, location=sample.location,
-                       extra=extra)
+                       extra=extra, videos=list(sample.videos))
 
     def _examples(self, samples: Iterable[Sample], what: str) -> list[Example]:
         examples, dropped = [], []
@@ -397,8 +442,9 @@ class VLMDataModule(SourcedDataModule):
             prompt, answer = pair
             ids = tokenize_prompt(self.tokenizer, self._messages(prompt))
             ids, _, extra = self._splice(ids, list(ids), sample)
-            text = str(prompt[-1].get("content") or "").replace(self.image_token, "").strip()
-            questions.append(Question(ids, list(sample.images), text, answer, sample.where, extra))
+            text = str(prompt[-1].get("content") or "").replace(self.image_token, "").replace(VIDEO_PLACEHOLDER, "")
+            questions.append(Question(ids, list(sample.images), text.strip(), answer, sample.where, extra,
+                                      videos=list(sample.videos)))
         return questions
 
     def _captions(self, samples: list[Sample]) -> list[Question]:
@@ -416,8 +462,8 @@ class VLMDataModule(SourcedDataModule):
 
     def fit(self, train: list[Sample]) -> None:
         texts = [s.messages if s.is_chat else [{"role": "user", "content": s.text}] for s in train]
-        texts = [[{**m, "content": str(m.get("content") or "").replace(self.image_token, " ")} for m in t]
-                 for t in texts]
+        texts = [[{**m, "content": str(m.get("content") or "").replace(self.image_token, " ").replace(
+            VIDEO_PLACEHOLDER, " ")} for m in t] for t in texts]
         self.processor = self._build_processor(texts)
         self.tokenizer = self.processor.tokenizer
         self.images = self._processor_images()
@@ -432,7 +478,7 @@ class VLMDataModule(SourcedDataModule):
             per_image = f"{self.image_tokens} image tokens per image" if self.images is None else \
                 "image tokens as the processor counts them"
             progress.summary = f"{len(examples)} examples in {len(rows)} rows, {per_image}"
-        return Rows(rows)
+        return Rows(rows, self.read_video)
 
     # ---- batches ------------------------------------------------------------------------
     def pixel_values(self, images: list[Any]) -> torch.Tensor | None:
@@ -448,8 +494,13 @@ class VLMDataModule(SourcedDataModule):
         pixels = self.pixel_values(images)
         return {} if pixels is None else {"pixel_values": pixels}
 
-    def collate(self, items: list[tuple[list[Example], list[Any]]]) -> dict[str, torch.Tensor]:
-        rows = [row for row, _ in items]
+    def video_inputs(self, videos: list[list[Any]]) -> dict[str, torch.Tensor]:
+        """The model's video inputs (``pixel_values_videos``, ``video_grid_thw``...) for videos' frames."""
+        return self.images.video_tensors(videos) if videos and self.images is not None else {}
+
+    def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
+        """A batch of ``(row, images[, videos])`` items, as :class:`Rows` gives them (videos: frame lists)."""
+        rows = [item[0] for item in items]
         batch = collate_rows(rows, self.tokenizer.pad_token_id, self.packing, attention=self.packing_attention)
         for key in dict.fromkeys(k for row in rows for e in row for k in e.extra):
             values = torch.zeros_like(batch["input_ids"])
@@ -460,7 +511,8 @@ class VLMDataModule(SourcedDataModule):
                         values[r, start:start + len(e)] = torch.tensor(e.extra[key])
                     start += len(e)
             batch[key] = values
-        batch.update(self.image_inputs([image for _, images in items for image in images]))
+        batch.update(self.image_inputs([image for item in items for image in item[1]]))
+        batch.update(self.video_inputs([video for item in items for video in (item[2] if len(item) > 2 else [])]))
         return batch
 
     def generation_inputs(self, question: Question) -> dict[str, torch.Tensor]:
@@ -469,6 +521,7 @@ class VLMDataModule(SourcedDataModule):
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         inputs.update({k: torch.tensor([v]) for k, v in question.extra.items()})
         inputs.update(self.image_inputs([load_image(ref, question) for ref in question.images]))
+        inputs.update(self.video_inputs([self.read_video(ref, question) for ref in question.videos]))
         return inputs
 
     def model_hints(self) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 Detected per record (or forced with ``data.format=``):
 
 - ``messages``: HF/TRL chat, ``content`` a string or a list of ``{"type": "image"}`` /
-  ``{"type": "text", "text": ...}`` parts with the images in an ``images`` list; OpenAI
+  ``{"type": "video"}`` / ``{"type": "text", "text": ...}`` parts with the images in an ``images`` list
+  and the videos in a ``videos`` list (or inline: ``{"type": "video", "video": ...}``); OpenAI
   ``{"type": "image_url", "image_url": {"url": <path or data: URL>}}`` parts carry their image inline;
 - ``llava``: LLaVA's JSON, ``image`` (one path or a list) + ``conversations`` with ``<image>`` in the text
-  (turns read by the sft plugin's ShareGPT code);
+  (turns read by the sft plugin's ShareGPT code); LLaVA-Video's records have a ``video`` and mark it
+  ``<image>`` (or ``<video>``) in the text;
 - ``document``: interleaved web documents for pretraining: OBELICS-style parallel ``texts`` / ``images``
   lists (one of the two ``null`` at each position), or MMC4-style ``text_list`` + ``image_info``
   (``image_name``/``path`` and ``matched_text_index``: the image goes before that sentence);
@@ -15,6 +17,7 @@ Detected per record (or forced with ``data.format=``):
 Chats learn from assistant turns only (``data.train_on``); documents and captions from all their
 text. Image references are paths relative to the record's file, ``data:`` URLs, bytes, or, in a
 webdataset shard, the name of one of the sample's files (``"0.png"``; a lone image may be implicit).
+A video is a file path (``mp4``... read with PyAV) or a list of frame images (:mod:`.video`).
 
 Empty values / truncated media / duplicates / mixed types: a blank caption, a blank assistant turn
 and an empty image reference are errors naming the record; so is a text (a content part, a
@@ -28,16 +31,18 @@ from __future__ import annotations
 import base64
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modalforge.data.errors import DataError
 from modalforge.data.images import IMAGE_KEYS, ImageRef, resolve_image_path
 from modalforge.data.readers import Record
+from modalforge.plugins.multimodal.vlm.video import VideoRef, missing_file, video_ref
 from modalforge.text.formats import Message, to_messages
 
 FORMATS = ("messages", "llava", "document", "caption")
+VIDEO_PLACEHOLDER = "<video>"
 CAPTION_KEYS = ("caption", "text", "txt")
 
 
@@ -52,6 +57,7 @@ class Sample:
     messages: list[Message] | None = None
     text: str | None = None
     caption: str | None = None  # a ``caption`` record's caption (``text`` is the placeholder then it)
+    videos: list[VideoRef] = field(default_factory=list)  # in the order of their placeholders
 
     @property
     def is_chat(self) -> bool:
@@ -110,6 +116,13 @@ def image_ref(value: Any, record: Record) -> ImageRef:
     return ImageRef(path=resolve_image_path(value, record.source), where=where)
 
 
+def _video(value: Any, record: Record) -> VideoRef:
+    try:
+        return video_ref(value, record.source, record.where(), lambda frame: image_ref(frame, record))
+    except DataError as err:
+        raise _fail(record, err.detail) from None
+
+
 def _shard_images(record: Record) -> list[Any]:
     """The images of a shard sample, in file-name order (``0.png``, ``1.png``... or ``jpg``)."""
     keys = sorted(k for k in record.data if not k.startswith("__") and k.rsplit(".", 1)[-1].lower() in IMAGE_KEYS
@@ -123,9 +136,11 @@ def _image_list(record: Record, value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _messages(record: Record, placeholder: str) -> tuple[list[Message], list[ImageRef]]:
+def _messages(record: Record, placeholder: str) -> tuple[list[Message], list[ImageRef], list[VideoRef]]:
     listed = [image_ref(v, record) for v in _image_list(record, record.data.get("images"))]
+    listed_videos = [_video(v, record) for v in _videos(record.data.get("videos"))]
     inline: list[ImageRef] = []
+    inline_videos: list[VideoRef] = []
     typed_parts = 0
     messages = []
     for i, message in enumerate(record.data["messages"]):
@@ -148,13 +163,28 @@ def _messages(record: Record, placeholder: str) -> tuple[list[Message], list[Ima
                     pieces.append(placeholder)
                     url = part.get("image_url")
                     inline.append(image_ref(url.get("url") if isinstance(url, dict) else url, record))
+                elif kind == "video":
+                    pieces.append(VIDEO_PLACEHOLDER)
+                    inner = part.get("video") or part.get("path") or part.get("url")
+                    if inner is not None:
+                        inline_videos.append(_video(inner, record))
                 else:
-                    raise _fail(record, f"message {i}: content part {part!r} is not a text, image or image_url part")
+                    raise _fail(record, f"message {i}: content part {part!r} is not a text, image, video or "
+                                        "image_url part")
             content = "".join(pieces)
         messages.append({**message, "content": content})
     if inline and listed:
         raise _fail(record, "images are given both inline (content parts) and in 'images'; use one")
-    return messages, inline or listed
+    if inline_videos and listed_videos:
+        raise _fail(record, "videos are given both inline (content parts) and in 'videos'; use one")
+    return messages, inline or listed, inline_videos or listed_videos
+
+
+def _videos(value: Any) -> list[Any]:
+    """A record's ``videos`` (TRL's: a list, each a path or a list of frames); a lone path is one video."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _document(record: Record, placeholder: str) -> tuple[str, list[ImageRef]]:
@@ -208,10 +238,14 @@ def parse_record(record: Record, fmt: str | None, placeholder: str) -> Sample:
     sample = Sample(images=[], where=record.where(), source=record.source, location=record.location)
     try:
         if fmt == "messages":
-            sample.messages, sample.images = _messages(record, placeholder)
+            sample.messages, sample.images, sample.videos = _messages(record, placeholder)
         elif fmt == "llava":
             view = Record({"conversations": record.data["conversations"]}, record.source, record.location)
-            sample.messages = [{**m, "content": str(m.get("content") or "").replace("<image>", placeholder)}
+            video = record.data.get("video")  # LLaVA-Video: one video, a path (or a list of frames)
+            sample.videos = [] if video is None else [_video(video, record)]
+            # LLaVA-Video marks its video <image>: with a video and no image, <image> is the video's place
+            marker = VIDEO_PLACEHOLDER if sample.videos and record.data.get("image") is None else placeholder
+            sample.messages = [{**m, "content": str(m.get("content") or "").replace("<image>", marker)}
                                for m in to_messages(view, "sharegpt")]
             sample.images = [image_ref(v, record) for v in _image_list(record, record.data.get("image"))]
         elif fmt == "document":
@@ -230,17 +264,26 @@ def parse_record(record: Record, fmt: str | None, placeholder: str) -> Sample:
 
 
 def count_placeholders(sample: Sample, placeholder: str) -> int:
+    """How many times ``placeholder`` occurs in the sample's texts."""
     if sample.messages is not None:
         return sum(str(m.get("content") or "").count(placeholder) for m in sample.messages)
     return (sample.text or "").count(placeholder)
 
 
 def check_sample(sample: Sample, placeholder: str) -> None:
-    """Placeholders match images, a chat has an assistant turn, every image file exists."""
+    """Placeholders match images and videos, a chat has an assistant turn, every image and video file exists."""
     found = count_placeholders(sample, placeholder)
     if found != len(sample.images):
         raise sample.error(f"{found} image placeholder(s) ({placeholder}) but {len(sample.images)} image(s); "
                            "each image needs exactly one placeholder where it goes in the text")
+    found = count_placeholders(sample, VIDEO_PLACEHOLDER)
+    if found != len(sample.videos):
+        raise sample.error(f"{found} video placeholder(s) ({VIDEO_PLACEHOLDER}) but {len(sample.videos)} "
+                           "video(s); each video needs exactly one placeholder where it goes in the text")
+    for video in sample.videos:
+        missing = missing_file(video)
+        if missing is not None:
+            raise sample.error(f"video file not found: {missing}")
     if sample.messages is not None and not any(m["role"] == "assistant" for m in sample.messages):
         raise sample.error("the conversation has no assistant message to learn from")
     blank = next((i for i, m in enumerate(sample.messages or []) if m["role"] == "assistant"

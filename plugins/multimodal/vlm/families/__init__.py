@@ -1,7 +1,7 @@
 """Image-text-to-text families beyond LLaVA: what each one's processor, template and tiny twin are.
 
 One module per family (:mod:`.qwen2_vl`, :mod:`.gemma3`, :mod:`.idefics3`, :mod:`.llava_onevision`), each with the same names: ``MODEL_TYPES``, ``HUB_ID``, ``PACKING``, ``IMAGE_TEXT``,
-``SPECIAL_TOKENS``, ``CHAT_TEMPLATE``, ``build_processor(tokenizer, image_size)`` and
+``VIDEO_TEXT`` (``None``: no video), ``SPECIAL_TOKENS``, ``CHAT_TEMPLATE``, ``build_processor(tokenizer, image_size)`` and
 ``tiny_config(processor, sizes)``. A hub checkpoint of a family not listed here still trains (any
 ``AutoModelForImageTextToText`` with its ``AutoProcessor``); the table only adds a tiny twin for
 offline runs and what cannot be read from the processor (whether packed rows are exact).

@@ -17,6 +17,7 @@ MODEL_TYPES: tuple[str, ...] = ("gemma3",)
 HUB_ID: str = "google/gemma-3-4b-it"
 PACKING: bool = True
 IMAGE_TEXT: str = "<start_of_image>"
+VIDEO_TEXT: str | None = None  # takes no video
 SPECIAL_TOKENS: list[str] = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
                              "<image_soft_token>"]
 PATCHES_PER_SIDE = 4

@@ -18,6 +18,7 @@ MODEL_TYPES: tuple[str, ...] = ("idefics3",)
 HUB_ID: str = "HuggingFaceTB/SmolVLM-Instruct"
 PACKING: bool = True
 IMAGE_TEXT: str = "<image>"
+VIDEO_TEXT: str | None = None  # takes no video
 SPECIAL_TOKENS: list[str] = ["<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
                              "<global-img>"]
 PATCHES_PER_SIDE = 4

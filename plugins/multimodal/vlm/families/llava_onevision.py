@@ -18,6 +18,7 @@ MODEL_TYPES: tuple[str, ...] = ("llava_onevision",)
 HUB_ID: str = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 PACKING: bool = True
 IMAGE_TEXT: str = "<image>"
+VIDEO_TEXT: str | None = "<video>"  # what the template renders for a video part
 SPECIAL_TOKENS: list[str] = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 PATCHES_PER_SIDE = 2
 

@@ -16,6 +16,7 @@ MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 HUB_ID = "Qwen/Qwen2-VL-2B-Instruct"
 PACKING = True  # with per-sample M-RoPE positions (the objective's mrope_positions)
 IMAGE_TEXT = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_TEXT: str | None = "<|vision_start|><|video_pad|><|vision_end|>"  # what the template renders for a video part
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 # Qwen2-VL-Instruct's published template (system prompt by default, images and videos as content parts).
@@ -43,7 +44,8 @@ def build_processor(tokenizer: Any, image_size: int) -> Any:
     geometry = {"patch_size": _PATCH, "merge_size": _MERGE, "temporal_patch_size": 2,
                 "min_pixels": image_size * image_size, "max_pixels": 4 * image_size * image_size}
     return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**geometry), tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor(**geometry), chat_template=tokenizer.chat_template)
+                            video_processor=Qwen2VLVideoProcessor(**geometry, cap_pixels_per_frame=True),
+                            chat_template=tokenizer.chat_template)  # cap: qwen-vl-utils' per-frame pixel budget
 
 
 def tiny_config(processor: Any, sizes: dict[str, Any]) -> Any:
