@@ -45,7 +45,8 @@ class RolloutObjective(ModelObjective):
 
     Args:
         model: the ``model`` config (any ``build_causal_lm`` config, or the cached arithmetic policy).
-        rewards: reward specs: built-ins (``exact_match``, ``format``, ``length``, ``digits``), ``pkg.module:fn``,
+        rewards: reward specs: built-ins (``exact_match``, ``format``, ``length``, ``digits``, ``overlong``,
+            ``math_verify``), ``pkg.module:fn``,
             ``path/file.py:fn``, ``reward_model:/path``; or mappings ``{reward, weight, name, **kwargs}``.
         reward_weights: one weight per reward (TRL's name); default 1 each.
         num_generations: completions per prompt.

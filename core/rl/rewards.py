@@ -4,7 +4,8 @@ A reward is named in ``objective.rewards`` by
 - a built-in: ``exact_match`` (the last number of the completion equals the record's ``answer``),
   ``format`` (the completion matches a regex), ``length`` (penalty beyond a target length),
   ``digits`` (share of digit characters: a dense reward for smoke tests), ``overlong`` (DAPO's soft overlong
-  punishment, ``overlong.py``);
+  punishment, ``overlong.py``), ``math_verify`` (Math-Verify's symbolic answer check against ``answer``; the
+  ``math`` extra, ``math_reward.py``);
 - an import path ``pkg.module:fn`` or a file path ``path/to/file.py:fn``;
 - ``reward_model:/path/to/final``: a ``reward_model`` run's output or any HF sequence classifier;
 - ``http://...`` / ``https://...``: a reward server or an OpenAI-compatible judge (``http_reward.py``).
@@ -14,7 +15,8 @@ The callable receives the prompts (as in the data: string or messages), the comp
 ``completion_ids`` and every other field of the records (``answer``...), each a list with one entry
 per completion, TRL's convention, so a TRL reward function works unchanged. It returns one float
 per completion, or ``None`` where it does not apply. With several rewards, ``score`` calls them in threads, so a
-slow one (a server, a judge) overlaps the others.
+slow one (a server, a judge) overlaps the others; a reward model, or a function with ``main_thread = True``
+(``math_verify``: its timeouts are ``signal.alarm``), runs in the calling thread meanwhile.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import nn
 
 from modalforge.errors import ModalforgeError
 from modalforge.rl.http_reward import HttpReward, RewardRequestError
+from modalforge.rl.math_reward import math_verify, math_verify_options
 from modalforge.rl.overlong import overlong, overlong_options
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,8 @@ def digits(prompts: list[Any], completions: list[str], **_: Any) -> list[float]:
 
 
 BUILTINS: dict[str, Callable[..., list]] = {"exact_match": exact_match, "format": format_reward,
-                                            "length": length_penalty, "digits": digits, "overlong": overlong}
+                                            "length": length_penalty, "digits": digits, "overlong": overlong,
+                                            "math_verify": math_verify}
 
 
 # ---- a reward model is a reward too -------------------------------------------------
@@ -184,6 +188,8 @@ def load_rewards(specs: Sequence[Any], weights: Sequence[float] | None = None,
             fn, default_name = BUILTINS[spec], spec
             if spec == "overlong":
                 options = overlong_options(options, max_completion_length, where)
+            elif spec == "math_verify":
+                options = math_verify_options(options, where)
         elif spec.startswith(("http://", "https://")):
             fn = HttpReward.from_options(spec, options, name, where)
             default_name, options = fn.name, {}
@@ -217,12 +223,17 @@ def score(rewards: Sequence[Reward], prompts: list[Any], completions: list[str],
 
     # Slow rewards (servers, judges, programs) overlap in threads; results and errors in column order.
     # Reward models stay in this thread, one after another: under FSDP2 their forward all-gathers, and
-    # collectives issued from two threads could pair up differently on each rank.
-    threaded = [r for r in rewards if not isinstance(r.fn, nn.Module)]
+    # collectives issued from two threads could pair up differently on each rank. So do rewards that say
+    # ``main_thread`` (math_verify: signal.alarm works in the main thread only); they run while the others do.
+    here = [r for r in rewards if isinstance(r.fn, nn.Module) or getattr(r.fn, "main_thread", False)]
+    threaded = [r for r in rewards if all(r is not h for h in here)]
     outcomes_by_id: dict[int, tuple[Any, Exception | None]] = {}
-    if len(threaded) > 1:
+    if len(threaded) > 1 or (threaded and here):
         with ThreadPoolExecutor(max_workers=len(threaded), thread_name_prefix="reward") as pool:
-            outcomes_by_id.update(zip(map(id, threaded), pool.map(call, threaded)))
+            futures = [(id(r), pool.submit(call, r)) for r in threaded]
+            for reward in here:
+                outcomes_by_id[id(reward)] = call(reward)
+            outcomes_by_id.update((key, future.result()) for key, future in futures)
     for reward in rewards:
         if id(reward) not in outcomes_by_id:
             outcomes_by_id[id(reward)] = call(reward)

@@ -24,7 +24,8 @@ class GRPOObjective(RolloutObjective):
 
     Args:
         model: the ``model`` config (default: the cached SFT'd arithmetic policy; any ``build_causal_lm`` config).
-        rewards: reward specs: built-ins (``exact_match``, ``format``, ``length``, ``digits``), ``pkg.module:fn``,
+        rewards: reward specs: built-ins (``exact_match``, ``format``, ``length``, ``digits``, ``overlong``,
+            ``math_verify``), ``pkg.module:fn``,
             ``path/file.py:fn``, ``reward_model:/path``; or mappings ``{reward, weight, name, **kwargs}``.
         reward_weights: one weight per reward (TRL's name); default 1 each.
         loss: ``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``rloo``, ``cispo``, ``sapo``, ``luspo``, ``vespo``; or
