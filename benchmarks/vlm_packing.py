@@ -46,8 +46,7 @@ def image_token_ids(dm) -> set[int]:  # noqa: ANN001
     (Qwen2-VL's vision start/pad/end, Gemma 3's begin/soft/end tokens, Idefics3's fake-token wrappers...)."""
     ids = {dm.processor.image_token_id}
     if dm.images is not None:
-        for expansion, _ in dm.images._expansions.values():  # noqa: SLF001 - the expansions seen so far
-            ids.update(expansion)
+        ids |= dm.images.media_token_ids()  # the expansions seen so far
     return ids
 
 

@@ -173,3 +173,29 @@ def test_a_family_twin_under_fsdp2_equals_one_process_and_exports(tmp_path):
     assert_plugin_conforms_sharded("vlm", tmp_path, ["model=vlm/qwen2_vl", "model.name_or_path=null",
                                                      "data.num_eval_questions=2"],
                                    steps=2, resume=False, samples=True, export=True)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_two_image_record_is_expanded_as_the_processor_expands_the_whole_prompt(name, manifest, tmp_path):
+    """One processor call per sample: LLaVA-OneVision drops its any-res patches when a prompt has two images."""
+    from PIL import Image
+
+    root = manifest.parent
+    record = {"images": [str(root / "0.png"), str(root / "2.png")], "messages": [
+        {"role": "user", "content": "<image><image>Which is red?"}, {"role": "assistant", "content": "first"}]}
+    two = tmp_path / "two.jsonl"
+    two.write_text(json.dumps(record) + "\n")
+    template = ["data.chat_template=chatml"] if name == "llava_onevision" else []
+    dm, _ = _setup([*_overrides(name, two, tmp_path / "run", "data.packing=false"), f"data.train={two}",
+                    f"data.val={two}", *template])
+    processor, question = dm.processor, dm.questions[0]
+    images = [Image.open(root / "0.png").convert("RGB"), Image.open(root / "2.png").convert("RGB")]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                             {"type": "text", "text": "Which is red?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = processor(text=[prompt], images=[images], return_tensors="pt", add_special_tokens=False)
+    assert question.input_ids == expected["input_ids"][0].tolist()
+    inputs = dm.generation_inputs(question)
+    for key, value in expected.items():
+        if key not in ("input_ids", "attention_mask"):
+            assert torch.equal(inputs[key], value), key

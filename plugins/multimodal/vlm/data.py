@@ -487,11 +487,11 @@ class VLMDataModule(SourcedDataModule):
             return None
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
-    def image_inputs(self, images: list[Any]) -> dict[str, torch.Tensor]:
-        """The model's image inputs for PIL images: ``pixel_values`` and whatever else the processor gives."""
+    def image_inputs(self, groups: list[list[Any]]) -> dict[str, torch.Tensor]:
+        """The model's image inputs for each sample's PIL images: ``pixel_values`` and whatever else the processor gives."""
         if self.images is not None:
-            return self.images.image_tensors(images)
-        pixels = self.pixel_values(images)
+            return self.images.image_tensors(groups)
+        pixels = self.pixel_values([image for images in groups for image in images])
         return {} if pixels is None else {"pixel_values": pixels}
 
     def video_inputs(self, videos: list[list[Any]]) -> dict[str, torch.Tensor]:
@@ -511,7 +511,11 @@ class VLMDataModule(SourcedDataModule):
                         values[r, start:start + len(e)] = torch.tensor(e.extra[key])
                     start += len(e)
             batch[key] = values
-        batch.update(self.image_inputs([image for item in items for image in item[1]]))
+        groups = []  # each example's images: a family's processor expands one sample's images together
+        for item in items:
+            images = iter(item[1])
+            groups += [[next(images) for _ in e.images] for e in item[0]]
+        batch.update(self.image_inputs(groups))
         batch.update(self.video_inputs([video for item in items for video in (item[2] if len(item) > 2 else [])]))
         return batch
 
@@ -520,7 +524,7 @@ class VLMDataModule(SourcedDataModule):
         ids = torch.tensor([question.input_ids])
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         inputs.update({k: torch.tensor([v]) for k, v in question.extra.items()})
-        inputs.update(self.image_inputs([load_image(ref, question) for ref in question.images]))
+        inputs.update(self.image_inputs([[load_image(ref, question) for ref in question.images]]))
         inputs.update(self.video_inputs([self.read_video(ref, question) for ref in question.videos]))
         return inputs
 

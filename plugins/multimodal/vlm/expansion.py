@@ -49,11 +49,22 @@ class ProcessorImages:
             raise DataError(f"the placeholder text {text!r} tokenises to nothing")
         return ids
 
-    def process(self, image: Any) -> dict[str, torch.Tensor]:
-        """The processor's outputs for one image on its own."""
-        out = self.processor(text=[self.image_text], images=[image], return_tensors="pt", add_special_tokens=False,
+    def process(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """The processor's outputs for one sample's images, as one prompt (placeholders apart by :attr:`separator`).
+
+        One call per sample, not per image: LLaVA-OneVision gives a prompt of several images no any-res
+        patches (fewer tokens, other pixels) and its model reads ``batch_num_images`` to know.
+        """
+        text = self.separator_text.join([self.image_text] * len(images))
+        out = self.processor(text=[text], images=[list(images)], return_tensors="pt", add_special_tokens=False,
                              **self.settings)
         return dict(out)
+
+    @property
+    def separator_text(self) -> str:
+        """A special token between one sample's placeholders, where its expansion is cut into images."""
+        tok = self.processor.tokenizer
+        return tok.eos_token or tok.pad_token
 
     def process_video(self, frames: list[Any]) -> dict[str, torch.Tensor]:
         """The processor's outputs for one video (its frames, already sampled) on its own."""
@@ -70,13 +81,27 @@ class ProcessorImages:
             self._expansions[key] = (ids[0].tolist(), arrays)
         return self._expansions[key]
 
-    def expansion(self, image: Any) -> tuple[list[int], dict[str, list[int]]]:
-        """Token ids of one image (and its per-token arrays); one processor call per image size."""
-        return self._expansion(("image", *image.size), lambda: self.process(image))
+    def expansions(self, images: list[Any]) -> list[tuple[list[int], dict[str, list[int]]]]:
+        """Token ids (and per-token arrays) of each of one sample's images; one processor call per list of sizes."""
+        if not images:
+            return []
+        ids, arrays = self._expansion(("images", *(image.size for image in images)), lambda: self.process(images))
+        separator = self.processor.tokenizer.convert_tokens_to_ids(self.separator_text)
+        cuts = [i for i, token in enumerate(ids) if token == separator]
+        if len(cuts) != len(images) - 1:
+            raise DataError(f"{type(self.processor).__name__} expanded {len(images)} images with "
+                            f"{len(cuts) + 1} piece(s) between separators {self.separator_text!r}")
+        bounds = list(zip([0] + [c + 1 for c in cuts], cuts + [len(ids)]))
+        return [(ids[a:b], {k: v[a:b] for k, v in arrays.items()}) for a, b in bounds]
 
     def video_expansion(self, frames: list[Any]) -> tuple[list[int], dict[str, list[int]]]:
         """Token ids of one video; one processor call per frame count and frame size."""
         return self._expansion(("video", len(frames), *frames[0].size), lambda: self.process_video(frames))
+
+    def media_token_ids(self) -> set[int]:
+        """Every id of the image and video expansions made so far (what is never text)."""
+        separator = self.processor.tokenizer.convert_tokens_to_ids(self.separator_text)
+        return {token for ids, _ in self._expansions.values() for token in ids} - {separator}
 
     @staticmethod
     def _positions(ids: list[int], placeholder: list[int]) -> list[int]:
@@ -105,7 +130,8 @@ class ProcessorImages:
                             "here (video: model=vlm/qwen2_vl or model=vlm/llava_onevision)",
                             source=getattr(where, "source", None), location=getattr(where, "location", None))
         self._check_count("video", self.video_text, len(video_at), len(videos), where)
-        media = sorted([(s, len(self.placeholder), lambda im=im: self.expansion(im)) for s, im in zip(image_at, images)]
+        expanded_images = self.expansions(images)
+        media = sorted([(s, len(self.placeholder), lambda e=e: e) for s, e in zip(image_at, expanded_images)]
                        + [(s, len(self.video_placeholder), lambda v=v: self.video_expansion(v))
                           for s, v in zip(video_at, videos)], key=lambda m: m[0])
         out_ids: list[int] = []
@@ -138,9 +164,9 @@ class ProcessorImages:
                 parts.setdefault(key, []).append(value)
         return {key: concat_padded(values) for key, values in parts.items()}
 
-    def image_tensors(self, images: list[Any]) -> dict[str, torch.Tensor]:
-        """The per-image tensors of ``images``, concatenated along the first dimension (zero-padded)."""
-        return self._tensors([self.process(image) for image in images])
+    def image_tensors(self, groups: list[list[Any]]) -> dict[str, torch.Tensor]:
+        """The per-image tensors of each sample's images (``groups``), concatenated along dim 0 (zero-padded)."""
+        return self._tensors([self.process(images) for images in groups if images])
 
     def video_tensors(self, videos: list[list[Any]]) -> dict[str, torch.Tensor]:
         """The per-video tensors (``pixel_values_videos``, ``video_grid_thw``...) of ``videos``, concatenated."""
