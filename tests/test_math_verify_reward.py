@@ -59,7 +59,7 @@ def test_options_are_checked_at_load_time():
 
 
 def test_runs_in_the_callers_thread_beside_threaded_rewards_and_scores_off_the_main_thread():
-    """Math-Verify's timeouts are signal.alarm: main thread only. The scorer keeps it there; elsewhere it still works."""
+    """Math-Verify's timeouts are signal.alarm: main thread only. The scorer keeps it there; elsewhere it scores."""
     seen: dict[str, str] = {}
 
     def plain(prompts, completions, **_):

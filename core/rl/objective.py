@@ -109,6 +109,9 @@ class RolloutObjective(ModelObjective):
         self._rollout_metrics: dict[str, float] = {}
         self._position = 0
         self._rollouts = 0
+        # where _next_prompts reads the training stream: (epoch, offset), checkpointed; the epoch's order cached
+        self._prompt_cursor = (0, 0)
+        self._prompt_order: tuple[int, list[int]] | None = None
         self._update_started: float | None = None
         self._last_update_time: float | None = None
 
@@ -260,13 +263,43 @@ class RolloutObjective(ModelObjective):
                            [batch["where"][i] for i in index])
         return per_reward, texts
 
-    def _sample(self, batch: dict[str, Any]) -> tuple[Rollout, torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Generate and score a rollout: (rollout without advantages, total rewards, truncated flags, metrics)."""
+    def _next_prompts(self, device: torch.device) -> dict[str, Any]:
+        """The next ``data.batch_size`` prompts of the training stream, collated, for a paradigm that samples more
+        prompts per rollout than the one batch the loader gives (grpo's ``dynamic_sampling=refill``).
+
+        The order is the train sampler's (seeded per epoch, sharded per rank; an incomplete last block skipped, as
+        the loader does), read from a cursor of this objective's checkpointed state: a resumed run draws the same
+        prompts, in the same order, whatever the loader's position.
+        """
+        from modalforge.data.loader import ResumableSampler
+
+        dm = self.datamodule
+        size, (epoch, offset) = dm.batch_size, self._prompt_cursor
+        for _ in range(2):
+            if self._prompt_order is None or self._prompt_order[0] != epoch:
+                sampler = ResumableSampler(dm.train_set, shuffle=True, seed=dm.seed)
+                sampler.set_epoch(epoch)
+                self._prompt_order = (epoch, sampler._indices())
+            if offset + size <= len(self._prompt_order[1]):
+                break
+            epoch, offset = epoch + 1, 0
+        items = [dm.train_set[i] for i in self._prompt_order[1][offset:offset + size]]
+        self._prompt_cursor = (epoch, offset + size)
+        batch = dm.collate(items)
+        batch["input_ids"], batch["attention_mask"] = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        return batch
+
+    def _sample(self, batch: dict[str, Any],
+                draw: int = 0) -> tuple[Rollout, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Generate and score a rollout: (rollout without advantages, total rewards, truncated flags, metrics).
+
+        ``draw`` > 0: a further sampling of the same rollout (a refill), seeded apart from the first.
+        """
         start = time.perf_counter()
         device = batch["input_ids"].device
         sampling_logps = None
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.seed * 1_000_003 + self._rollouts)
+            torch.manual_seed(self.seed * 1_000_003 + self._rollouts + 1_000_000_007 * draw)
             if self.rollout_func is not None:
                 completion, sampling_logps = self._from_rollout_func(batch)
                 attention, truncated = self._stops(completion)
@@ -365,13 +398,15 @@ class RolloutObjective(ModelObjective):
     def get_extra_state(self) -> dict[str, Any]:
         return {"rollout": self._rollout.state() if self._rollout is not None else None, "position": self._position,
                 "rollouts": self._rollouts, "rollout_metrics": dict(self._rollout_metrics),
-                "reference_mode": self.reference_mode}
+                "reference_mode": self.reference_mode, "prompt_cursor": list(self._prompt_cursor)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         rollout = state.get("rollout")
         self._rollout = Rollout(**rollout) if rollout is not None else None
         self._position, self._rollouts = int(state.get("position", 0)), int(state.get("rollouts", 0))
         self._rollout_metrics = dict(state.get("rollout_metrics") or {})
+        epoch, offset = state.get("prompt_cursor") or (0, 0)
+        self._prompt_cursor = (int(epoch), int(offset))
 
 
 def load_rollout_func(spec: str) -> Any:

@@ -42,5 +42,26 @@ class Rollout:
         return {f.name: (v.detach().cpu() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
                 for f in fields(self)}
 
+    @staticmethod
+    def cat(parts: list["Rollout"], pad_id: int) -> "Rollout":
+        """Rollouts sampled apart (grpo's refill draws) as one: prompts left-padded, completions right-padded, with
+        masks (and log-probs) 0 in the padding, so the loss and the positions see what each part saw."""
+        out: dict[str, Any] = {}
+        for f in fields(Rollout):
+            values = [getattr(p, f.name) for p in parts]
+            if not isinstance(values[0], torch.Tensor):
+                if any(isinstance(v, torch.Tensor) for v in values):
+                    raise ValueError(f"Rollout.cat: {f.name} is set in some parts only")
+                out[f.name] = values[0]
+                continue
+            if values[0].dim() == 1:
+                out[f.name] = torch.cat(values)
+                continue
+            width = max(v.shape[1] for v in values)
+            left, fill = f.name.startswith("prompt_"), pad_id if f.name.endswith("_ids") else 0
+            out[f.name] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0) if left else
+                                                             (0, width - v.shape[1]), value=fill) for v in values])
+        return Rollout(**out)
+
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

@@ -8,6 +8,7 @@ correction of rollouts another engine sampled) and its losses (:mod:`.losses`).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal, Mapping
 
 import torch
@@ -17,6 +18,12 @@ from modalforge.rl.objective import RolloutObjective
 from modalforge.rl.rollout import Rollout
 from modalforge.plugins.text.grpo import losses
 from modalforge.plugins.text.grpo.losses import ISLevel, LossType, ScaleRewards
+
+log = logging.getLogger(__name__)
+DynamicSampling = Literal["off", "drop", "refill"]
+#: objective.dynamic_sampling's values; true is the old behaviour, drop
+DYNAMIC_SAMPLING: dict[Any, DynamicSampling] = {False: "off", None: "off", "false": "off", "off": "off", "none": "off",
+                                               True: "drop", "true": "drop", "drop": "drop", "refill": "refill"}
 
 
 class GRPOObjective(RolloutObjective):
@@ -45,7 +52,10 @@ class GRPOObjective(RolloutObjective):
         importance_sampling_level: ``token`` or ``sequence`` (GSPO).
         entropy_coef: entropy bonus weight.
         mask_truncated_completions: completions without a stop token do not count in the loss.
-        dynamic_sampling: drop groups whose rewards are all equal (DAPO); the share dropped is logged.
+        dynamic_sampling: DAPO's dynamic sampling of groups whose rewards are all equal (no advantage): ``false``
+            (off), ``drop`` (or ``true``: train on the others, the batch shrinks), ``refill`` (draw further prompt
+            groups from the training stream until the batch has ``data.batch_size`` informative groups).
+        max_refill_rounds: refill draws after the first at most; then the rollout trains on what it has.
         max_completion_length / temperature / top_p / top_k: sampling (``top_k=0``: off).
         generation_batch_size: completions per ``generate`` call (memory); a multiple of num_generations.
         sapo_temperature_pos / sapo_temperature_neg: SAPO's soft-gate temperatures.
@@ -70,7 +80,8 @@ class GRPOObjective(RolloutObjective):
                  reference: Literal["auto", "copy", "adapter", "none"] = "auto", epsilon: float = 0.2,
                  epsilon_high: float | None = None, delta: float | None = None, num_iterations: int = 1,
                  steps_per_generation: int = 1, importance_sampling_level: ISLevel = "token",
-                 entropy_coef: float = 0.0, mask_truncated_completions: bool = False, dynamic_sampling: bool = False,
+                 entropy_coef: float = 0.0, mask_truncated_completions: bool = False,
+                 dynamic_sampling: bool | Literal["drop", "refill"] = False, max_refill_rounds: int = 3,
                  max_completion_length: int = 8, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  generation_batch_size: int | None = None, sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
@@ -84,6 +95,14 @@ class GRPOObjective(RolloutObjective):
             raise ModalforgeError(f"objective.loss={loss!r} is not one of: {', '.join(choices)}")
         if scale_rewards not in ("group", "batch", "none"):
             raise ModalforgeError(f"objective.scale_rewards={scale_rewards!r} is not one of: group, batch, none")
+        mode = DYNAMIC_SAMPLING.get(dynamic_sampling.lower() if isinstance(dynamic_sampling, str)
+                                    else dynamic_sampling) if isinstance(dynamic_sampling, (bool, str, type(None))) \
+            else None
+        if mode is None:
+            raise ModalforgeError(f"objective.dynamic_sampling={dynamic_sampling!r} is not one of: false, drop, refill "
+                                  "(true: drop)")
+        if isinstance(max_refill_rounds, bool) or not isinstance(max_refill_rounds, int) or max_refill_rounds < 0:
+            raise ModalforgeError(f"objective.max_refill_rounds={max_refill_rounds!r} must be a whole number >= 0")
         if importance_sampling_level not in ("token", "sequence"):
             raise ModalforgeError(f"objective.importance_sampling_level={importance_sampling_level!r} is not one of: "
                                   "token, sequence")
@@ -95,14 +114,14 @@ class GRPOObjective(RolloutObjective):
                          top_k=top_k, generation_batch_size=generation_batch_size, seed=seed,
                          rollout_func=rollout_func)
         if loss in losses.ONLINE_DPO and (num_generations != 2 or beta <= 0 or num_iterations != 1
-                                          or steps_per_generation != 1 or dynamic_sampling):
+                                          or steps_per_generation != 1 or mode != "off"):
             raise ModalforgeError(f"objective.loss={loss} samples one pair per prompt and updates on it once: it needs "
                                   "objective.num_generations=2, objective.beta > 0 (the DPO beta, against the "
                                   "reference), num_iterations=1, steps_per_generation=1 and dynamic_sampling=false")
         self.loss_type, self.scale_rewards = loss, scale_rewards
         self.epsilon_low, self.epsilon_high = epsilon, epsilon_high if epsilon_high is not None else epsilon
         self.delta, self.level, self.entropy_coef = delta, importance_sampling_level, entropy_coef
-        self.dynamic_sampling = dynamic_sampling
+        self.dynamic_sampling, self.max_refill_rounds = mode, max_refill_rounds
         self.sapo = (sapo_temperature_pos, sapo_temperature_neg)
         self.vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
         modes = losses.ISMode.__args__  # type: ignore[attr-defined]
@@ -125,13 +144,60 @@ class GRPOObjective(RolloutObjective):
             advantages = losses.group_advantages(total, g, self.scale_rewards)[0]
         return advantages.masked_fill(nan, 0.0)
 
+    def _flat(self, total: torch.Tensor) -> torch.Tensor:
+        """Per group: are all its rewards equal (no advantage to learn from)?"""
+        grouped = total.view(-1, self.num_generations).nan_to_num(0)
+        return (grouped == grouped[:, :1]).all(1)
+
+    def _refill(self, batch: dict[str, Any]) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+        """DAPO's dynamic sampling with refill: draw prompt groups from the training stream, in order, keeping the
+        ones whose rewards differ, until ``data.batch_size`` of them (the surplus of the last draw is dropped) or
+        ``max_refill_rounds`` further draws; then train on what there is. Nothing informative at all: the last
+        draw, with zero advantages (as ``drop`` keeps an all-flat rollout)."""
+        device, g = batch["input_ids"].device, self.num_generations
+        want = self.datamodule.batch_size
+        kept: list[Rollout] = []
+        totals: list[torch.Tensor] = []
+        draws: list[dict[str, float]] = []
+        generated = flat_groups = have = 0
+        for draw in range(1 + self.max_refill_rounds):
+            rollout, total, _, metrics = self._sample(self._next_prompts(device), draw=draw)
+            draws.append(metrics)
+            flat = self._flat(total)
+            generated, flat_groups = generated + len(flat), flat_groups + int(flat.sum())
+            keep = (~flat).repeat_interleave(g).nonzero().squeeze(1)
+            if len(keep):
+                kept.append(rollout.select(keep.to(device)))
+                totals.append(total[keep])
+            have += int((~flat).sum())
+            if _everywhere(have >= want, device):  # every rank the same number of draws (collectives in generate)
+                break
+        if kept:
+            rollout = Rollout.cat(kept, self.datamodule.processor.pad_token_id)
+            rollout = rollout.select(torch.arange(min(have, want) * g, device=device))
+            total = torch.cat(totals)[:min(have, want) * g]
+        if have < want:
+            log.info("dynamic_sampling=refill: %d of %d informative groups after %d draws (max_refill_rounds=%d); "
+                     "training on those", have, want, len(draws), self.max_refill_rounds)
+        metrics = {k: (sum if k.startswith("time/") else max if k.endswith("max_length") else
+                       lambda v: sum(v) / len(v))([d[k] for d in draws]) for k in draws[0]}
+        metrics.update({"frac_reward_zero_std": flat_groups / generated,
+                        "dynamic_sampling/dropped_groups": flat_groups / generated,
+                        "dynamic_sampling/groups_generated": float(generated),
+                        "dynamic_sampling/refill_rounds": float(len(draws) - 1),
+                        "dynamic_sampling/filled": min(have, want) / want})
+        return rollout, total, metrics
+
     def _new_rollout(self, batch: dict[str, Any]) -> Rollout:
         device = batch["input_ids"].device
-        rollout, total, _, metrics = self._sample(batch)  # metrics of the whole rollout, before dynamic sampling
+        if self.dynamic_sampling == "refill":  # the loader's batch only ticks: prompts come from _next_prompts
+            rollout, total, metrics = self._refill(batch)
+            flat = self._flat(total)
+        else:
+            rollout, total, _, metrics = self._sample(batch)  # metrics of the whole rollout, before dropping groups
+            flat = self._flat(total)
+            metrics["frac_reward_zero_std"] = float(flat.float().mean())
         attention = rollout.attention_mask
-        grouped = total.view(-1, self.num_generations)
-        flat = (grouped.nan_to_num(0) == grouped.nan_to_num(0)[:, :1]).all(1)
-        metrics["frac_reward_zero_std"] = float(flat.float().mean())
         if self.beta != 0:
             rollout.ref_logps = self._frozen_logps(rollout, reference=True)
         correct = self.is_correction and rollout.sampling_logps is not None and self.loss_type not in losses.ONLINE_DPO
@@ -157,7 +223,7 @@ class GRPOObjective(RolloutObjective):
         metrics["advantages/mean"] = float(rollout.advantages.mean())
         metrics["advantages/std"] = float(rollout.advantages.std())
         metrics["advantages/abs_mean"] = float(rollout.advantages.abs().mean())
-        if self.dynamic_sampling:
+        if self.dynamic_sampling == "drop":
             dropped = flat.float().mean()
             metrics["dynamic_sampling/dropped_groups"] = float(dropped)
             if 0 < dropped < 1:
@@ -185,3 +251,12 @@ class GRPOObjective(RolloutObjective):
             max_completion_length=self.max_completion_length, num_items=self._rollout.num_items,
             sapo_temperature_pos=self.sapo[0], sapo_temperature_neg=self.sapo[1], vespo=self.vespo,
             is_ratio=part.is_ratio)
+
+
+def _everywhere(flag: bool, device: torch.device) -> bool:
+    """``flag`` on every rank (itself when not distributed): ranks stop refilling together."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
