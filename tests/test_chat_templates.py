@@ -220,3 +220,40 @@ def test_chat_template_from_a_jinja_file(tokenizers, tmp_path):
                        chat_template=str(TEMPLATES / "gemma3.jinja"), num_workers=0, batch_size=1)
     dm.setup()
     assert "<start_of_turn>model\nIt is 7.<end_of_turn>" in dm.processor.decode(dm.val_set.rows[0][0].input_ids)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_generation_prompt_that_is_not_how_answers_start_is_said_once(name, tokenizers, caplog, monkeypatch):
+    """DeepSeek-R1 prompts with ``<think>\\n`` that its rendered answers never follow; the others agree."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from modalforge.text import tokenize as tokenize_module
+    from modalforge.text.tokenize import generation_prompt_divergence, render, tokenize_prompt
+
+    monkeypatch.setattr(tokenize_module, "_CHECKED", set())
+    tok = AutoTokenizer.from_pretrained(str(tokenizers[name]))
+    found = generation_prompt_divergence(tok, CHAT[:3], render(tok, CHAT[:3], True))
+    if name == "deepseek_r1_distill":
+        assert found is not None and found[0].endswith("<\uff5cAssistant\uff5c><think>\n")
+        assert found[1].endswith("<\uff5cAssistant\uff5c>")
+    else:
+        assert found is None
+    with caplog.at_level(logging.WARNING, logger="modalforge.text.tokenize"):
+        for turns in (CHAT[:1], CHAT[:3]):
+            tokenize_prompt(tok, turns)
+    warnings = [r for r in caplog.records if "prompts generation with" in r.getMessage()]
+    assert len(warnings) == (1 if name == "deepseek_r1_distill" else 0)
+
+
+def test_llava_onevisions_published_template_is_caught(tokenizers):
+    from transformers import AutoTokenizer
+
+    from modalforge.plugins.multimodal.vlm.families import family
+    from modalforge.text.tokenize import generation_prompt_divergence, render
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizers["qwen2_5"]))
+    tok.chat_template = family("llava_onevision").CHAT_TEMPLATE
+    prompted, trained = generation_prompt_divergence(tok, CHAT[:1], render(tok, CHAT[:1], True))
+    assert prompted.endswith("<|im_start|>assistant\n") and trained.endswith("<|im_start|>assistant ")

@@ -14,13 +14,17 @@ record: never a silently different token sequence.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from modalforge.data.errors import DataError
 from modalforge.text.formats import Message
-from modalforge.text.spans import END_MARKERS, SpanError, added_tokens, assistant_spans
+from modalforge.text.spans import END_MARKERS, S1, SpanError, added_tokens, assistant_spans, common_prefix
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -143,7 +147,48 @@ def _template_text(tokenizer: Any, tools: Any) -> str | None:
 def tokenize_prompt(tokenizer: Any, messages: list[Message], *, tools: list[dict[str, Any]] | None = None,
                     where: str | None = None) -> list[int]:
     """The prompt with the assistant header, ready for generation or a completion."""
-    return _encode(tokenizer, render(tokenizer, messages, True, tools=tools, where=where))
+    prompt = render(tokenizer, messages, True, tools=tools, where=where)
+    _warn_if_prompted_otherwise(tokenizer, messages, prompt, tools)
+    return _encode(tokenizer, prompt)
+
+
+_CHECKED: set[str] = set()  # templates already checked (once per process: the answer is the template's)
+
+
+def generation_prompt_divergence(tokenizer: Any, messages: list[Message], prompt: str,
+                                 tools: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
+    """``(prompted, trained)`` where the template's generation prompt differs from how it renders an answer's start.
+
+    Answers are learned in the context the whole conversation renders; generation starts from
+    ``add_generation_prompt=True``. Where the second is not a prefix of the first, a model learns one
+    context and is asked in another (LLaVA-OneVision: ``assistant\n`` against ``assistant `` ;
+    DeepSeek-R1: a ``<think>\n`` the trained answers never follow). ``None`` when they agree.
+    """
+    try:
+        answered = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": S1}], tools=tools,
+                                                 tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this probe says nothing either way
+        return None
+    if answered.startswith(prompt):
+        return None
+    at = common_prefix(prompt, answered)
+    start = max(0, at - 24)
+    return prompt[start:], answered[start:answered.find(S1) if S1 in answered[start:] else at + 24]
+
+
+def _warn_if_prompted_otherwise(tokenizer: Any, messages: list[Message], prompt: str, tools: Any) -> None:
+    """One warning per template whose generation prompt is not the start of its rendered answers."""
+    template = str(_template_text(tokenizer, tools) or "")
+    key = hashlib.sha1(template.encode()).hexdigest()
+    if key in _CHECKED or not messages or messages[-1].get("role") == "assistant":
+        return
+    _CHECKED.add(key)
+    found = generation_prompt_divergence(tokenizer, messages, prompt, tools)
+    if found is not None:
+        prompted, trained = found
+        log.warning("%s prompts generation with %r but renders an answer after %r: answers are learned in one "
+                    "context and generated in the other (greedy val/acc and samples suffer); a template whose two "
+                    "agree can be set with data.chat_template=", _template_name(tokenizer), prompted, trained)
 
 
 def tokenize_completion(tokenizer: Any, prompt: list[Message], completion: list[Message], *,
