@@ -1,6 +1,7 @@
 """Image-text-to-text families beyond LLaVA: what each one's processor, template and tiny twin are.
 
-One module per family (:mod:`.qwen2_vl`, :mod:`.gemma3`, :mod:`.idefics3`, :mod:`.llava_onevision`), each with the same names: ``MODEL_TYPES``, ``HUB_ID``, ``PACKING``, ``IMAGE_TEXT``,
+One module per family (:mod:`.qwen2_vl`, :mod:`.gemma3`, :mod:`.idefics3`, :mod:`.llava_onevision`,
+:mod:`.paligemma`, :mod:`.internvl`), each with the same names: ``MODEL_TYPES``, ``HUB_ID``, ``PACKING``, ``IMAGE_TEXT``,
 ``VIDEO_TEXT`` (``None``: no video), ``SPECIAL_TOKENS``, ``CHAT_TEMPLATE``, ``build_processor(tokenizer, image_size)`` and
 ``tiny_config(processor, sizes)``. A hub checkpoint of a family not listed here still trains (any
 ``AutoModelForImageTextToText`` with its ``AutoProcessor``); the table only adds a tiny twin for
@@ -15,7 +16,7 @@ from typing import Any
 
 from modalforge.errors import ModalforgeError
 
-NAMES = ("qwen2_vl", "gemma3", "idefics3", "llava_onevision")
+NAMES = ("qwen2_vl", "gemma3", "idefics3", "llava_onevision", "paligemma", "internvl")
 
 
 def family(name: str) -> ModuleType:
