@@ -156,13 +156,17 @@ def test_a_family_that_cannot_pack_says_so(manifest, tmp_path, monkeypatch):
         _setup([*_overrides("gemma3", manifest, tmp_path), "data.packing=true"])
 
 
-def test_a_family_twin_passes_the_conformance_suite(manifest, tmp_path):
+@pytest.mark.parametrize("name", [*FAMILIES, "paligemma"])
+def test_a_family_twin_passes_the_conformance_suite(name, manifest, tmp_path):
     from modalforge.testing import assert_plugin_conforms
 
-    report = assert_plugin_conforms("vlm", tmp_path, ["model=vlm/qwen2_vl", "model.name_or_path=null",
+    report = assert_plugin_conforms("vlm", tmp_path, [f"model=vlm/{name}", "model.name_or_path=null",
                                                       f"data.train={manifest}", f"data.val={manifest}",
-                                                      "data.vocab_size=300", "data.num_eval_questions=2"], steps=6)
-    assert not any(".visual.blocks." in name for name in report.changed)  # the preset's frozen ViT
+                                                      f"data.packing={str(family(name).PACKING).lower()}",
+                                                      "data.batch_size=4", "data.vocab_size=300",
+                                                      "data.num_eval_questions=2"], steps=6)
+    tower = {"qwen2_vl": ".visual.blocks."}.get(name, "vision_tower.")
+    assert report.changed and not any(tower in n for n in report.changed)  # the preset's frozen tower
 
 
 @pytest.mark.slow
@@ -199,3 +203,58 @@ def test_a_two_image_record_is_expanded_as_the_processor_expands_the_whole_promp
     for key, value in expected.items():
         if key not in ("input_ids", "attention_mask"):
             assert torch.equal(inputs[key], value), key
+
+
+def test_paligemma_twin_learns_as_a_prefix_lm_and_exports(manifest, tmp_path):
+    """PaliGemma: the processor writes each example (prefix bidirectional, suffix learned); no chat template."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cfg = compose(_overrides("paligemma", manifest, tmp_path, "trainer.max_steps=48", "trainer.val_check_interval=48",
+                             "optim.lr=3e-3", "optim.warmup_steps=2", "optim.scheduler=constant",
+                             "data.num_eval_questions=8"))
+    trainer, module, dm = run(cfg, tmp_path)
+    rows = [line.split(",") for line in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()]
+    column = lambda key: [float(r[rows[0].index(key)]) for r in rows[1:] if r[rows[0].index(key)]]  # noqa: E731
+    assert column("train/loss")[-1] < 0.5 * column("train/loss")[0]
+    assert column("val/acc")[-1] >= 0.75, column("val/acc")
+    example = dm.train_set[0][0][0]
+    assert example.extra["token_type_ids"][-2:] == [1, 1]  # the answer and EOS: the suffix
+    assert [t for t, label in zip(example.extra["token_type_ids"], example.labels) if label != IGNORE] == [1, 1]
+    model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "final")).eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "final"))
+    question = dm.questions[0]
+    inputs = processor(text=["<image>" + question.question], images=[Image.open(question.images[0].path)],
+                       return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == question.input_ids
+    assert inputs["token_type_ids"][0].tolist() == question.extra["token_type_ids"]
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() \
+        == question.answer
+
+
+def test_paligemma_refuses_what_a_prefix_lm_cannot_train(manifest, tmp_path):
+    from modalforge.data.errors import DataError
+
+    record = {"images": [str(manifest.parent / "0.png")], "messages": [
+        {"role": "user", "content": "<image>What colour is it?"}, {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes"}]}
+    bad = tmp_path / "turns.jsonl"
+    bad.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"turns.jsonl, line 1: PaliGemma trains one prompt and one answer"):
+        _setup([*_overrides("paligemma", bad, tmp_path / "run"), f"data.train={bad}", f"data.val={bad}"])
+    with pytest.raises(DataError, match="data.packing=true is not exact for paligemma"):
+        _setup([*_overrides("paligemma", manifest, tmp_path / "run"), "data.packing=true"])
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_paligemma_adapters_train_the_lm_and_the_projector(adapter, manifest, tmp_path):
+    overrides = _overrides("paligemma", manifest, tmp_path, f"adapter={adapter}", "trainer.max_steps=4",
+                           "trainer.val_check_interval=4", "data.num_eval_questions=1")
+    _, objective = _setup(overrides)
+    trainable = {n for n, p in objective.model.named_parameters() if p.requires_grad}
+    assert any("language_model" in n and "lora_" in n for n in trainable)
+    assert any("multi_modal_projector.modules_to_save." in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    trainer, _, _ = run(compose(overrides), tmp_path)
+    assert trainer.global_step == 4 and (tmp_path / "final" / "config.json").is_file()

@@ -43,6 +43,7 @@ from modalforge.plugins.multimodal.vlm.expansion import ProcessorImages
 from modalforge.plugins.multimodal.vlm.families import family, family_of
 from modalforge.plugins.multimodal.vlm.formats import VIDEO_PLACEHOLDER, Sample, final_answer, parse_record
 from modalforge.plugins.multimodal.vlm.motion import write_motion_sets
+from modalforge.plugins.multimodal.vlm.prefix_lm import prefix_and_suffix, prefix_lm_example
 from modalforge.plugins.multimodal.vlm.synthetic import write_vlm_sets
 from modalforge.plugins.multimodal.vlm.video import VideoRef, load_frames
 from modalforge.text.formats import Message
@@ -204,6 +205,7 @@ class VLMDataModule(SourcedDataModule):
         self.processor_path, self.tokenizer_name, self.vision_tower = processor, tokenizer, vision_tower
         self.family, self.image_processor_settings = family, dict(image_processor or {})
         self.images: ProcessorImages | None = None  # set for non-LLaVA families: the processor counts tokens
+        self.prefix_lm = False  # PaliGemma: (prefix, suffix) examples built by the processor (:mod:`.prefix_lm`)
         self.image_size, self.patch_size, self.image_token = image_size, patch_size, image_token
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vocab_size, self.num_eval_questions = vocab_size, num_eval_questions
@@ -325,7 +327,8 @@ class VLMDataModule(SourcedDataModule):
                                                    or self.processor.image_token)
         video_text = getattr(spec, "VIDEO_TEXT", None) if spec else (
             getattr(self.processor, "video_token", None) if getattr(self.processor, "video_processor", None) else None)
-        if self.chat_template not in ("auto", "tokenizer"):  # a built-in or a .jinja file replaces the family's
+        self.prefix_lm = bool(getattr(spec, "PREFIX_LM", False))
+        if self.chat_template not in ("auto", "tokenizer") and not self.prefix_lm:  # a built-in or a .jinja file replaces the family's
             apply_template(self.tokenizer, self.chat_template)
             if self.tokenizer.chat_template in TEMPLATES.values():
                 self.tokenizer.chat_template = multimodal_template(self.tokenizer.chat_template, image_text, video_text)
@@ -395,9 +398,19 @@ class VLMDataModule(SourcedDataModule):
                 out_labels.append(label)
         return out_ids, out_labels
 
+    def _prefix_lm(self, sample: Sample, answer: bool = True) -> tuple[list[int], list[int], dict[str, list[int]]]:
+        """A prefix-LM family's example (``answer=False``: its prompt), as the processor writes it."""
+        prefix, suffix = prefix_and_suffix(sample, self.image_token)
+        images = [load_image(ref, sample) for ref in sample.images]
+        return prefix_lm_example(self.processor, images, prefix, suffix if answer else None, self.images.image_text)
+
     def tokenize(self, sample: Sample) -> Example:
         """Token ids and labels of one sample, images expanded; image tokens are never learned."""
         tok = self.tokenizer
+        if self.prefix_lm:
+            ids, labels, extra = self._prefix_lm(sample)
+            return Example(ids, labels, images=list(sample.images), source=sample.source, location=sample.location,
+                           extra=extra)
         if sample.is_chat:
             chat = tokenize_conversation(tok, self._messages(sample.messages), train_on=self.train_on)
             ids, labels = chat.input_ids, chat.labels
@@ -440,8 +453,11 @@ class VLMDataModule(SourcedDataModule):
             if pair is None or len(questions) >= self.num_eval_questions:
                 continue
             prompt, answer = pair
-            ids = tokenize_prompt(self.tokenizer, self._messages(prompt))
-            ids, _, extra = self._splice(ids, list(ids), sample)
+            if self.prefix_lm:
+                ids, _, extra = self._prefix_lm(sample, answer=False)
+            else:
+                ids = tokenize_prompt(self.tokenizer, self._messages(prompt))
+                ids, _, extra = self._splice(ids, list(ids), sample)
             text = str(prompt[-1].get("content") or "").replace(self.image_token, "").replace(VIDEO_PLACEHOLDER, "")
             questions.append(Question(ids, list(sample.images), text.strip(), answer, sample.where, extra,
                                       videos=list(sample.videos)))
@@ -453,6 +469,10 @@ class VLMDataModule(SourcedDataModule):
         tok = self.tokenizer
         for sample in samples:
             if sample.caption is None or len(captions) >= self.num_eval_captions:
+                continue
+            if self.prefix_lm:
+                ids, _, extra = self._prefix_lm(sample, answer=False)
+                captions.append(Question(ids, list(sample.images), CAPTION, sample.caption, sample.where, extra))
                 continue
             ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
                 tok(self._placeholders(self.image_token), add_special_tokens=False)["input_ids"]
@@ -489,7 +509,7 @@ class VLMDataModule(SourcedDataModule):
 
     def image_inputs(self, groups: list[list[Any]]) -> dict[str, torch.Tensor]:
         """The model's image inputs for each sample's PIL images: ``pixel_values`` and whatever else the processor gives."""
-        if self.images is not None:
+        if self.images is not None and not self.prefix_lm:
             return self.images.image_tensors(groups)
         pixels = self.pixel_values([image for images in groups for image in images])
         return {} if pixels is None else {"pixel_values": pixels}
