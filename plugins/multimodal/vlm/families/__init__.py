@@ -42,7 +42,7 @@ def family_of(model_type: str) -> ModuleType | None:
 def tiny_text(tokenizer: Any, sizes: dict[str, Any], **fields: Any) -> dict[str, Any]:
     """A twin's language model config: 64 wide, 2 layers, 4 heads (2 kv), on ``tokenizer``'s vocabulary.
 
-    ``sizes`` (``model.text``) may change the five sizes; widths stay multiples of 32 so that
+    ``sizes`` (``model.text``) may change the five sizes; widths stay multiples of 64 so that
     bitsandbytes' CPU 4-bit kernels take every layer (``adapter=qlora``)."""
     text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2}
