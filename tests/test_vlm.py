@@ -16,7 +16,8 @@ from modalforge.data.errors import DataError
 from modalforge.data.readers import Record
 from modalforge.errors import ModalforgeError
 from modalforge.plugins.multimodal.vlm.data import VLMDataModule, load_image
-from modalforge.plugins.multimodal.vlm.formats import normalise_answer, parse_record
+from modalforge.plugins.multimodal.vlm.formats import parse_record
+from modalforge.text.answers import normalise_answer
 from modalforge.text.tokenize import IGNORE
 from modalforge.run import build_components, build_module, run
 from modalforge.testing import assert_plugin_conforms, check_config_binds

@@ -16,49 +16,24 @@ import torch
 
 from modalforge.config import compose
 from modalforge.losses import token_loss
-from modalforge.plugins.multimodal.vlm.families import family
-from modalforge.run import build_components, build_module, run
+from modalforge.run import run
 from modalforge.text.tokenize import IGNORE
+from vlm_helpers import family_overrides, setup_components, write_colour_manifest
 
 NAME = "internvl"
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
-FAST = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
-        "trainer.num_sanity_val_steps=0", "logger=csv", "module.num_samples=0"]
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
     """Squares of two colours (two sizes: one tile for 32x32, two tiles and a thumbnail for 48x32)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("colours")
-    lines = []
-    for i in range(32):
-        name = list(COLOURS)[i % 2]
-        size = (32, 32) if i % 4 < 2 else (48, 32)
-        path = root / f"{i}.png"
-        Image.new("RGB", size, COLOURS[name]).save(path)
-        lines.append({"images": [str(path)], "messages": [
-            {"role": "user", "content": "<image>What colour is it?"}, {"role": "assistant", "content": name}]})
-    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
-    return root / "train.jsonl"
+    return write_colour_manifest(tmp_path_factory.mktemp("colours"))
 
 
 def _overrides(manifest: Path, run_dir: Path, *extra: str) -> list[str]:
-    packing = str(family(NAME).PACKING).lower()
-    return ["plugin=vlm", f"model=vlm/{NAME}", "model.name_or_path=null", f"data.train={manifest}",
-            f"data.val={manifest}", "data.vocab_size=300", "data.batch_size=4", f"data.packing={packing}",
-            "data.num_eval_questions=4", "data.max_length=256", f"run_dir={run_dir}", *FAST, *extra]
+    return family_overrides(NAME, manifest, run_dir, *extra)
 
 
-def _setup(overrides: list[str]):
-    cfg = compose(overrides)
-    dm, objective, adapter = build_components(cfg)
-    module = build_module(cfg, objective, adapter)
-    dm.setup()
-    objective.connect(dm)
-    module.configure_model()
-    return dm, objective
+_setup = setup_components
 
 
 def test_internvl_twin_learns_exports_and_generates_like_its_processor(manifest, tmp_path):

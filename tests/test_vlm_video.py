@@ -18,11 +18,9 @@ from modalforge.config import compose
 from modalforge.data.errors import DataError
 from modalforge.losses import token_loss
 from modalforge.plugins.multimodal.vlm.motion import QUESTION, draw_clip
-from modalforge.run import build_components, build_module, run
+from modalforge.run import run
 from modalforge.text.tokenize import IGNORE
-
-FAST = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
-        "trainer.num_sanity_val_steps=0", "logger=csv", "module.num_samples=0"]
+from vlm_helpers import FAST, setup_components
 
 
 def _write_mp4(path: Path, frames: list, fps: int = 4) -> None:
@@ -71,14 +69,7 @@ def _overrides(name: str, manifest: Path, run_dir: Path, *extra: str) -> list[st
             *FAST, *extra]
 
 
-def _setup(overrides: list[str]):
-    cfg = compose(overrides)
-    dm, objective, adapter = build_components(cfg)
-    module = build_module(cfg, objective, adapter)
-    dm.setup()
-    objective.connect(dm)
-    module.configure_model()
-    return dm, objective
+_setup = setup_components
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "llava_onevision"])

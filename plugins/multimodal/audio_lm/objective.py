@@ -17,16 +17,13 @@ from torchmetrics import MeanMetric
 
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.losses import token_loss
+from modalforge.text.answers import normalise_answer
 from modalforge.text.generate import END_OF_TURN
 
 
 def _base(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".!").split())
 
 
 class AudioLMObjective(ModelObjective):
@@ -92,7 +89,7 @@ class AudioLMObjective(ModelObjective):
         questions = getattr(self.datamodule, "questions", None) or []
         if questions:
             answers = self.answer(questions)
-            right = [normalise(a) == normalise(q.answer) for q, a in zip(questions, answers)]
+            right = [normalise_answer(a) == normalise_answer(q.answer) for q, a in zip(questions, answers)]
             metrics["acc"] = torch.tensor(sum(right) / len(right))
         return metrics
 

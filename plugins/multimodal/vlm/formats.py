@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,7 +300,3 @@ def final_answer(sample: Sample) -> tuple[list[Message], str] | None:
         return None
     return sample.messages[:-1], str(sample.messages[-1].get("content") or "")
 
-
-def normalise_answer(text: str) -> str:
-    """Exact-match normal form: trimmed, final full stop dropped, lower case."""
-    return re.sub(r"\.$", "", text.strip()).strip().lower()

@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.losses import token_loss
-from modalforge.plugins.multimodal.vlm.formats import normalise_answer
+from modalforge.text.answers import normalise_answer
 from modalforge.plugins.multimodal.vlm.mrope import packed_mrope_positions
 from modalforge.plugins.multimodal.vlm.parts import Parts, base_model, vlm_parts
 from modalforge.text.generate import END_OF_TURN
