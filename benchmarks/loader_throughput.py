@@ -8,6 +8,7 @@ with more cores) pays. With workers, the loader's batches/s must stay well above
 
     python benchmarks/loader_throughput.py                       # every built-in plugin
     python benchmarks/loader_throughput.py --plugins clip sft --workers 0 1
+    python benchmarks/loader_throughput.py --plugins whisper_asr --workers 0 --set data.cache_features=false
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ PLUGINS = ["causal_lm", "sft", "dpo", "reward_model", "grpo", "ppo", "image_clas
            "diffusion", "whisper_asr", "wav2vec2", "vlm", "multitask"]
 
 
-def train_rate(plugin: str, steps: int, workers: str) -> tuple[float, Any]:
+def train_rate(plugin: str, steps: int, workers: str, extra: list[str] = ()) -> tuple[float, Any]:
     """Steps/s of a short run, and its DataModule (set up, for the loader-alone pass)."""
     timer = StepTimer()
-    overrides = [f"plugin={plugin}", f"trainer.max_steps={steps}", *NO_EXTRAS]
+    overrides = [f"plugin={plugin}", f"trainer.max_steps={steps}", *NO_EXTRAS, *extra]
     if plugin != "multitask":
         overrides.append(f"data.num_workers={workers}")
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
@@ -61,13 +62,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="training steps timed per plugin")
     parser.add_argument("--batches", type=int, default=30, help="loader batches timed per plugin")
     parser.add_argument("--workers", nargs="+", default=["auto"], help="data.num_workers values to try")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run, e.g. data.cache_features=false")
     args = parser.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)  # the runs' own banners would bury the table
     print(f"{usable_cores()} usable cores\n")
     print(f"{'plugin':<22}{'workers':>8}{'train steps/s':>15}{'loader batches/s':>18}{'loading share':>15}")
     for plugin in args.plugins:
         for workers in args.workers:
-            steps_per_s, datamodule = train_rate(plugin, args.steps, workers)
+            steps_per_s, datamodule = train_rate(plugin, args.steps, workers, args.set)
             batches_per_s, used = loader_rate(datamodule, args.batches)
             share = steps_per_s / batches_per_s
             print(f"{plugin:<22}{used:>8}{steps_per_s:>15.2f}{batches_per_s:>18.1f}{100 * share:>14.1f}%", flush=True)

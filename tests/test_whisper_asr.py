@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from modalforge.config import compose
 from modalforge.data.audio import AudioRef, load_audio
@@ -134,7 +135,10 @@ def test_a_wav_cut_short_of_its_header_is_an_error_or_a_counted_skip(dm, tmp_pat
     assert "skipped 1 unreadable audio clip(s)" in caplog.text and "cut.wav" in caplog.text
     assert len(skipping.train_items) == len(skipping.val_set) == len(lines)  # train and val: the same manifest
     # Without the header pass, the clip stops the run when it is loaded.
-    unchecked = WhisperASRDataModule(train=str(manifest), val=str(manifest), verify=False, val_fraction=0.0)
+    with pytest.raises(DataError, match=r"cut.wav: truncated audio"):  # cached features: met while caching
+        WhisperASRDataModule(train=str(manifest), val=str(manifest), verify=False, val_fraction=0.0).setup()
+    unchecked = WhisperASRDataModule(train=str(manifest), val=str(manifest), verify=False, val_fraction=0.0,
+                                     cache_features=False)
     unchecked.setup()
     index = next(i for i, u in enumerate(unchecked.val_set.items) if u.audio.describe().endswith("cut.wav"))
     with pytest.raises(DataError, match=r"cut.wav: truncated audio"):
@@ -149,3 +153,36 @@ def test_an_empty_transcript_names_its_file_and_line(dm, tmp_path):
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(DataError, match=r"m.jsonl, line 3: empty transcript"):
         WhisperASRDataModule(train=str(manifest), val=str(manifest)).setup()
+
+
+def test_cached_log_mel_features_equal_computed_ones_and_are_computed_once(dm, tmp_path, monkeypatch):
+    folder, lines = _tones(dm, 6)
+    rows = [{"audio": str(folder / item["audio"]), "text": item["text"]} for item in lines]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    options = dict(train=str(manifest), val=str(manifest), cache_dir=str(tmp_path / "cache"))
+    plain = WhisperASRDataModule(**options, cache_features=False)
+    plain.setup()
+    cached = WhisperASRDataModule(**options)
+    cached.setup()
+    assert cached.train_set.features is not None and plain.train_set.features is None
+    computed = [plain.train_set[i][0] for i in range(len(rows))]
+    assert all(torch.equal(cached.train_set[i][0], computed[i]) for i in range(len(rows)))
+    calls = []
+    monkeypatch.setattr(WhisperASRDataModule, "features_of", lambda self, item: calls.append(item) or 1 / 0)
+    again = WhisperASRDataModule(**options)
+    again.setup()  # the same clips and settings: read back, nothing decoded
+    assert not calls and torch.equal(again.train_set[0][0], computed[0])
+    other = WhisperASRDataModule(**options, num_mel_bins=40)  # another setting: another cache, computed
+    with pytest.raises(ZeroDivisionError):
+        other.setup()
+    monkeypatch.undo()
+    (tmp_path / "moved.wav").write_bytes((folder / lines[0]["audio"]).read_bytes())
+    rows[0]["audio"] = str(tmp_path / "moved.wav")
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    changed = WhisperASRDataModule(**options)
+    changed.setup()  # another file: another key
+    assert changed.train_set.features.path != cached.train_set.features.path
+    loader = torch.utils.data.DataLoader(changed.train_set, batch_size=2, num_workers=1,
+                                         collate_fn=changed.collate)  # a worker opens its own memory map
+    assert next(iter(loader))["input_features"].shape[0] == 2

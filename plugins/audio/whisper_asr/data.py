@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import struct
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ from modalforge.data.readers import Record, optional_text, require_fields, requi
 from modalforge.data.synthetic.tones import write_tones
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
 from modalforge.data.verify import verify_media
+from modalforge.plugins.audio.whisper_asr.feature_cache import FeatureCache, cache_bytes, cached_features
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 IGNORE = -100
@@ -119,23 +123,18 @@ def utterance_from_record(record: Record, audio_field: str, text_field: str, def
 
 
 class Utterances(Dataset):
-    """``(features [mels, frames], decoder ids, labels)`` per utterance."""
+    """``(features [mels, frames], decoder ids, labels)`` per utterance; features from the cache when there is one."""
 
-    def __init__(self, items: list[Utterance], module: "WhisperASRDataModule", train: bool) -> None:
-        self.items, self.module, self.train = items, module, train
+    def __init__(self, items: list[Utterance], module: "WhisperASRDataModule", train: bool,
+                 features: FeatureCache | None = None) -> None:
+        self.items, self.module, self.train, self.features = items, module, train, features
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int], list[int]]:
         item = self.items[index]
-        cut = wav_shortfall(item.audio)  # data.verify=false, or a file cut since the header pass
-        if cut is not None:
-            raise DataError(cut, source=item.audio.describe(),
-                            hint="replace the file, or skip unreadable files with data.skip_bad=true")
-        wave = load_audio(item.audio, SAMPLE_RATE)
-        features = self.module.feature_extractor(wave.numpy(), sampling_rate=SAMPLE_RATE,
-                                                 return_tensors="pt").input_features[0]
+        features = self.features[index] if self.features is not None else self.module.features_of(item)
         ids, labels = self.module.decoder_sequence(item.text, item.language)
         return features, ids, labels
 
@@ -156,6 +155,9 @@ class WhisperASRDataModule(SourcedDataModule):
         max_label_length: decoder tokens; a longer transcript is an error naming file and line.
         verify: check every clip's header before training (``null``: when the set is small enough to be
             cheap). skip_bad: skip unreadable clips (counted and reported) instead of failing.
+        cache_features: compute each set's log-Mel features once and memory-map them (:mod:`.feature_cache`):
+            ``true``, ``false``, or ``auto`` (while a set's cache stays under ``max_cache_gb``).
+        max_cache_gb: the largest cache ``cache_features=auto`` writes for one set.
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
@@ -164,7 +166,8 @@ class WhisperASRDataModule(SourcedDataModule):
     def __init__(self, train: Any = None, val: Any = None, audio_field: str = "audio", text_field: str = "text",
                  language: str = "en", processor: str | None = None, num_mel_bins: int = 80, chunk_seconds: int = 2,
                  vocab_size: int = 256, spec_augment: bool = False, max_label_length: int = 64,
-                 verify: bool | None = None, skip_bad: bool = False, batch_size: int = 16, num_workers: Workers = "auto",
+                 verify: bool | None = None, skip_bad: bool = False, cache_features: bool | str = "auto",
+                 max_cache_gb: float = 8.0, batch_size: int = 16, num_workers: Workers = "auto",
                  val_fraction: float = 0.05, cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
@@ -172,6 +175,11 @@ class WhisperASRDataModule(SourcedDataModule):
         self.processor_name, self.num_mel_bins, self.chunk_seconds = processor, num_mel_bins, chunk_seconds
         self.vocab_size, self.spec_augment, self.max_label_length = vocab_size, spec_augment, max_label_length
         self.verify, self.skip_bad = verify, skip_bad
+        if cache_features not in (True, False, "auto"):
+            from modalforge.errors import ConfigError
+
+            raise ConfigError(f"{cache_features!r} is not one of true, false, auto", where="data.cache_features")
+        self.cache_features, self.max_cache_gb = cache_features, max_cache_gb
         self.feature_extractor = None
 
     def synthetic_data(self) -> tuple[str, str]:
@@ -205,7 +213,34 @@ class WhisperASRDataModule(SourcedDataModule):
 
     def build(self, items: list[Utterance], what: str) -> Utterances:
         self._check_lengths(items)
-        return Utterances(items, self, what.startswith("data.train"))
+        features = None
+        if self._caches(len(items), what):
+            settings = self.feature_extractor.to_json_string()
+            features = cached_features([u.audio for u in items], lambda i: self.features_of(items[i]), settings,
+                                       self.cache_dir, what)
+        if what.startswith("data.train"):
+            self.decodes_per_item = features is None  # cached features are read, not decoded: workers rarely pay
+        return Utterances(items, self, what.startswith("data.train"), features)
+
+    def features_of(self, item: Utterance) -> torch.Tensor:
+        """One clip's log-Mel features ``[mels, frames]``: decoded, resampled to 16 kHz, cut or padded."""
+        cut = wav_shortfall(item.audio)  # data.verify=false, or a file cut since the header pass
+        if cut is not None:
+            raise DataError(cut, source=item.audio.describe(),
+                            hint="replace the file, or skip unreadable files with data.skip_bad=true")
+        wave = load_audio(item.audio, SAMPLE_RATE)
+        return self.feature_extractor(wave.numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features[0]
+
+    def _caches(self, count: int, what: str) -> bool:
+        if self.cache_features is not True and self.cache_features != "auto":
+            return False
+        extractor = self.feature_extractor
+        size = cache_bytes(count, extractor.feature_size, extractor.nb_max_frames)
+        if self.cache_features == "auto" and size > self.max_cache_gb * 2**30:
+            log.info("%s: log-Mel features not cached (%.1f GB > data.max_cache_gb=%s); data.cache_features=true "
+                     "caches them anyway", what, size / 2**30, self.max_cache_gb)
+            return False
+        return True
 
     def token(self, text: str) -> int:
         index = self.processor.convert_tokens_to_ids(text)
