@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: (one its YAML interpolates, as ``${name}``) passes as an experiment variable does.
 ROOT_KEYS = ("seed", "run_dir", "ckpt_path", "overwrite", "optim", "module", "checkpoint", "trainer", "adapter",
              "strategy", "logger", "callbacks", "plugin", "data", "model", "objective", "experiment", "hydra",
-             "trl_config")
+             "trl_config", "preset")
 _NUMBER = (int, float)
 
 
