@@ -124,3 +124,12 @@ def test_dpo_and_grpo_take_the_preset(preset, tokenizers, data, tmp_path):
     run(compose(overrides("grpo", preset, template, data["grpo"], "trainer.max_steps=2", "data.batch_size=2",
                           "objective.num_generations=2", "objective.rewards=[digits]")), tmp_path / "grpo")
     assert all(math.isfinite(v) for v in series(tmp_path / "grpo", "train/loss").values())
+
+
+def test_reward_model_takes_a_preset_with_its_score_head(tokenizers, data, tmp_path):
+    """A preset names the causal-LM builder; reward_model builds the same model with a scalar score head."""
+    template = tokenizers[PRESETS["qwen2_5"][1]]
+    trainer, module, _ = run(compose(overrides("reward_model", "qwen2_5", template, data["dpo"], "trainer.max_steps=2",
+                                               "data.batch_size=4")), tmp_path)
+    assert type(module.objective.model).__name__ == "Qwen2ForSequenceClassification"
+    assert all(math.isfinite(v) for v in series(tmp_path, "train/loss").values())

@@ -14,12 +14,20 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from modalforge.interfaces import ModelObjective, StepOutput
+from modalforge.plugins.text.reward_model.model import build_reward_model
 from modalforge.text.models import block_classes_for
 
 
 def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """Mean of -log sigmoid(r_c - r_r - margin)."""
     return -F.logsigmoid(chosen - rejected - margin).mean()
+
+
+def scored(model: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """A ``model=preset/<family>`` names the core's causal-LM builder: build the same model with a score head."""
+    if model is not None and str(model.get("_target_", "")).endswith(".build_causal_lm"):
+        return {**model, "_target_": f"{build_reward_model.__module__}.{build_reward_model.__name__}"}
+    return model
 
 
 class RewardModelObjective(ModelObjective):
@@ -33,7 +41,7 @@ class RewardModelObjective(ModelObjective):
 
     def __init__(self, model: Mapping[str, Any] | None = None, margin: float = 0.0,
                  center_rewards: float = 0.0) -> None:
-        super().__init__(model)
+        super().__init__(scored(model))
         self.margin, self.center_rewards = margin, center_rewards
         self.val_accuracy = MeanMetric()
 
