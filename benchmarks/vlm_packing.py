@@ -37,7 +37,7 @@ from _common import NO_EXTRAS
 from modalforge.config import compose
 
 BATCH, LR = 8, 1e-3
-FAMILIES = ("llava", "qwen2_vl", "gemma3", "idefics3", "llava_onevision")
+FAMILIES = ("llava", "qwen2_vl", "gemma3", "idefics3", "llava_onevision", "internvl")  # PaliGemma: no chat template for TRL
 SIDES = ("packed", "padded", "trl")
 
 
@@ -156,12 +156,7 @@ def trl_trainer(dm, model, rows: list[dict], out: str, steps: int, callbacks=())
 
 # ---- parity -----------------------------------------------------------------------------------------------------
 # Why a family's batches differ, where the difference is known (printed with the difference; TRL is then not timed).
-REASONS = {
-    "llava_onevision": "records with several images: LlavaOnevisionProcessor, given a prompt's images together "
-                       "(batch_num_images > 1, as TRL calls it), gives each its base-resolution tokens only; "
-                       "modalforge's expansion processes each image alone (any-res patches), so those rows are "
-                       "longer and their pixel_values differ",
-}
+REASONS: dict[str, str] = {}  # none known today (LLaVA-OneVision's multi-image rows match since the per-sample expansion)
 
 
 def _images(batch, key: str):  # noqa: ANN001, ANN202
