@@ -257,3 +257,17 @@ def test_llava_onevisions_published_template_is_caught(tokenizers):
     tok.chat_template = family("llava_onevision").CHAT_TEMPLATE
     prompted, trained = generation_prompt_divergence(tok, CHAT[:1], render(tok, CHAT[:1], True))
     assert prompted.endswith("<|im_start|>assistant\n") and trained.endswith("<|im_start|>assistant ")
+
+
+def test_a_generation_block_that_stops_before_the_end_of_turn_still_learns_it(tokenizers):
+    """LLaVA-OneVision's published template closes {% generation %} before <|im_end|>: the model must learn to stop."""
+    from transformers import AutoTokenizer
+
+    from modalforge.plugins.multimodal.vlm.families import family
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizers["qwen2_5"]))
+    tok.chat_template = family("llava_onevision").CHAT_TEMPLATE
+    out = tokenize_conversation(tok, CHAT)
+    assert out.input_ids == tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
+    assert [s.strip() for s in learned_spans(tok, out.input_ids, out.labels)] == [
+        "It is 7.<|im_end|>", "That makes 18.<|im_end|>"]

@@ -124,7 +124,8 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], *, train_on: 
             raise DataError(f"{_template_name(tokenizer)}: its {{% generation %}} mask failed: {err}",
                             source=where) from None
         ids = list(out["input_ids"])
-        return Tokenized(ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])])
+        mask = _through_end_marker(tokenizer, ids, list(out["assistant_masks"]))
+        return Tokenized(ids, [t if m else IGNORE for t, m in zip(ids, mask)])
     try:
         spans = assistant_spans(lambda m, g: render(tokenizer, m, g, tools=tools, where=where), messages, full,
                                 specials=added_tokens(tokenizer), markers=_markers(tokenizer))
@@ -135,6 +136,22 @@ def tokenize_conversation(tokenizer: Any, messages: list[Message], *, train_on: 
     if learn is not None:
         spans = [span for span, keep in zip(spans, learn, strict=True) if keep]
     return _label_spans(tokenizer, full, spans, where)
+
+
+def _through_end_marker(tokenizer: Any, ids: list[int], mask: list[int]) -> list[int]:
+    """A ``{% generation %}`` span that stops short of its end-of-turn marker learns the marker too.
+
+    Some published templates close the block before ``<|im_end|>`` (LLaVA-OneVision's): trained so, a
+    model never learns to end its turn. The marker right after a span is the turn's own, as the
+    sentinel path learns it; a marker already inside the span is left as it is.
+    """
+    markers = {tokenizer.convert_tokens_to_ids(m) for m in _markers(tokenizer) if m in added_tokens(tokenizer)}
+    markers.discard(getattr(tokenizer, "unk_token_id", None))
+    out = list(mask)
+    for i in range(1, len(ids)):
+        if mask[i - 1] and not mask[i] and ids[i] in markers:
+            out[i] = 1
+    return out
 
 
 def _template_text(tokenizer: Any, tools: Any) -> str | None:
