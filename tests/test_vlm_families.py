@@ -21,7 +21,7 @@ from modalforge.run import run
 from modalforge.text.tokenize import IGNORE
 from vlm_helpers import family_overrides, setup_components, write_colour_manifest
 
-FAMILIES = ["qwen2_vl", "gemma3", "idefics3", "llava_onevision"]
+FAMILIES = ["qwen2_vl", "gemma3", "idefics3", "llava_onevision", "internvl"]
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +54,17 @@ def test_family_twin_learns_exports_and_generates_like_its_processor(name, manif
     model = AutoModelForImageTextToText.from_pretrained(str(final)).eval()
     processor = AutoProcessor.from_pretrained(str(final))
     assert type(model).__name__ == type(module.objective.model).__name__
-    question = dm.questions[0]
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=[Image.open(question.images[0].path)], text=[prompt], return_tensors="pt",
-                       add_special_tokens=False)
-    assert inputs["input_ids"][0].tolist() == question.input_ids  # the tokens the DataModule trained on
-    for key, values in question.extra.items():
-        assert inputs[key][0].tolist() == values
+    for question in (dm.questions[2], dm.questions[0]):  # a 48x32 and a 32x32 image (tiles, grids: counts differ)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=[Image.open(question.images[0].path)], text=[prompt], return_tensors="pt",
+                           add_special_tokens=False)
+        assert inputs["input_ids"][0].tolist() == question.input_ids  # the tokens the DataModule trained on
+        for key, value in inputs.items():
+            if key not in ("input_ids", "attention_mask") and key not in question.extra:
+                assert torch.equal(value, dm.generation_inputs(question)[key]), key
+        for key, values in question.extra.items():
+            assert inputs[key][0].tolist() == values
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
     # the hub path: model.name_or_path=<folder> loads the model and its processor, the same tokens and weights
