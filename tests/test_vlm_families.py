@@ -67,6 +67,11 @@ def test_family_twin_learns_exports_and_generates_like_its_processor(name, manif
             assert inputs[key][0].tolist() == values
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+    from modalforge.text.stops import end_of_turn_tokens
+
+    ends = model.generation_config.eos_token_id  # plain generate on final/ stops at the template's end of turn
+    ends = {ends} if isinstance(ends, int) else set(ends)
+    assert {processor.tokenizer.convert_tokens_to_ids(t) for t in end_of_turn_tokens(processor.tokenizer)} <= ends
     # the hub path: model.name_or_path=<folder> loads the model and its processor, the same tokens and weights
     dm2, objective2 = _setup([o for o in _overrides(name, manifest, tmp_path / "again") if "name_or_path" not in o]
                              + [f"model.name_or_path={final}", "model.image_processor=null"])  # the twin's sizes
@@ -236,3 +241,17 @@ def test_paligemma_adapters_train_the_lm_and_the_projector(adapter, manifest, tm
     assert not any("vision_tower" in n for n in trainable)
     trainer, _, _ = run(compose(overrides), tmp_path)
     assert trainer.global_step == 4 and (tmp_path / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["gemma3", "idefics3", "llava_onevision"])
+def test_qlora_quantises_each_twin_and_trains(name, manifest, tmp_path):
+    """bitsandbytes' CPU 4-bit kernels take 64-wide blocks (every twin is that wide); an attention-pooling head's
+    out_proj stays in full precision (nn.MultiheadAttention reads its weight itself)."""
+    import bitsandbytes as bnb
+
+    template = ["data.chat_template=chatml"] if name == "llava_onevision" else []
+    overrides = _overrides(name, manifest, tmp_path, "adapter=qlora", "trainer.max_steps=2",
+                           "trainer.val_check_interval=2", "data.num_eval_questions=1", *template)
+    trainer, module, _ = run(compose(overrides), tmp_path)
+    assert trainer.global_step == 2
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.objective.model.modules())

@@ -80,6 +80,8 @@ def quantize_linears(module: nn.Module, *, skip: list[str] = (), compute_dtype: 
             full = f"{name}.{child_name}" if name else child_name
             if not isinstance(layer, nn.Linear) or any(_skipped(full, p) for p in skip):
                 continue
+            if isinstance(child, nn.MultiheadAttention):  # it reads out_proj.weight itself: a 4-bit one breaks it
+                continue
             device = layer.weight.device
             q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,

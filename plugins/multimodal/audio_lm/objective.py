@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.losses import token_loss
 from modalforge.text.answers import normalise_answer
-from modalforge.text.generate import END_OF_TURN
+from modalforge.text.stops import stop_token_ids
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -95,8 +95,7 @@ class AudioLMObjective(ModelObjective):
 
     def _stops(self) -> list[int]:
         tokenizer = self.datamodule.tokenizer
-        vocab = tokenizer.get_vocab()
-        return [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+        return stop_token_ids(tokenizer)  # EOS and the template's own end-of-turn markers
 
     @torch.no_grad()
     def answer(self, questions: list[Any], max_new_tokens: int | None = None) -> list[str]:

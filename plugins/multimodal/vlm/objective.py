@@ -27,7 +27,7 @@ from modalforge.losses import token_loss
 from modalforge.text.answers import normalise_answer
 from modalforge.plugins.multimodal.vlm.mrope import packed_mrope_positions
 from modalforge.plugins.multimodal.vlm.parts import Parts, base_model, vlm_parts
-from modalforge.text.generate import END_OF_TURN
+from modalforge.text.stops import stop_token_ids
 
 
 def _llava(model: nn.Module) -> nn.Module:
@@ -187,8 +187,7 @@ class VLMObjective(ModelObjective):
         dm = self.datamodule
         tokenizer = dm.tokenizer
         device = next(self.model.parameters()).device
-        vocab = tokenizer.get_vocab()
-        stop = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+        stop = stop_token_ids(tokenizer)  # EOS and the template's own end of turn (<end_of_utterance>, <end_of_turn>...)
         answers = []
         dtype = next(self.model.parameters()).dtype
         for q in questions:
@@ -205,8 +204,7 @@ class VLMObjective(ModelObjective):
         tokenizer = getattr(self.datamodule, "tokenizer", None)
         config = getattr(_llava(self.model), "generation_config", None)
         if tokenizer is not None and config is not None:
-            vocab = tokenizer.get_vocab()
-            config.eos_token_id = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN if t in vocab]
+            config.eos_token_id = stop_token_ids(tokenizer)
             config.pad_token_id = tokenizer.pad_token_id
         super().save_pretrained(directory)
 

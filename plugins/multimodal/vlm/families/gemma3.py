@@ -83,7 +83,7 @@ def tiny_config(processor: Any, sizes: dict) -> Any:
     image_size = processor.image_processor.size["height"]
     text = tiny_text(tok, sizes, sliding_window=64)
     text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
               "image_size": image_size, "patch_size": image_size // PATCHES_PER_SIDE}
     return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=processor.image_seq_length,
                         boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,

@@ -55,7 +55,7 @@ def tiny_config(processor: Any, sizes: dict) -> Any:
     tok = processor.tokenizer
     image_size = processor.image_processor.max_image_size["longest_edge"]
     text = tiny_text(tok, sizes, model_type="llama")
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
               "image_size": image_size, "patch_size": image_size // PATCHES_PER_SIDE}
     return Idefics3Config(text_config=text, vision_config=vision, scale_factor=SCALE_FACTOR,
                           image_token_id=processor.image_token_id, pad_token_id=tok.pad_token_id,

@@ -62,7 +62,7 @@ def tiny_config(processor: Any, sizes: dict) -> Any:
     tok = processor.tokenizer
     image_size = processor.image_processor.size["height"]
     text = tiny_text(tok, sizes, model_type="qwen2")
-    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": image_size,
               "patch_size": image_size // PATCHES_PER_SIDE}
     return LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=processor.image_token_id,
