@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from modalforge import registry
 from modalforge.overrides import override_key
@@ -114,6 +114,19 @@ def _is_multirun(argv: Sequence[str]) -> bool:
     return any(a in ("-m", "--multirun") for a in argv)
 
 
+def preset_lr_warning(cfg: Any, overrides: Sequence[str]) -> str | None:
+    """A real model from ``model=preset/<family>`` at the plugin's default ``optim.lr``, which is set for its
+    tiny demo model (a preset cannot set it: the plugin's config is composed after the model group)."""
+    chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=preset/")), None)
+    model = cfg.get("model") or {}
+    if chosen is None or not model.get("name_or_path") or any(override_key(o) == "optim.lr" for o in overrides):
+        return None
+    lr = (cfg.get("optim") or {}).get("lr")
+    return (f"model={chosen} trains {model.get('name_or_path')} at the plugin's default optim.lr={lr}, which is "
+            f"meant for its tiny demo model; set optim.lr (the preset's file suggests a value per paradigm and "
+            f"adapter, e.g. 1e-4..2e-4 with LoRA, 1e-5..2e-5 in full for supervised fine-tuning)")
+
+
 def _precheck(argv: list[str]) -> list[str]:
     """Compose and validate before Hydra starts a job; returns extra overrides for the job.
 
@@ -134,6 +147,9 @@ def _precheck(argv: list[str]) -> list[str]:
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors, turned into one line
         raise _composition_error(err, overrides) from None
     validate_config(cfg)
+    warning = preset_lr_warning(cfg, overrides)
+    if warning and launch.is_rank_zero():
+        print(f"warning: {warning}", file=sys.stderr)
     extra = []
     launcher = launch.detect()
     if launcher is not None:  # torchrun / srun: trainer.num_nodes and devices follow it; one run_dir for all ranks

@@ -133,3 +133,15 @@ def test_reward_model_takes_a_preset_with_its_score_head(tokenizers, data, tmp_p
                                                "data.batch_size=4")), tmp_path)
     assert type(module.objective.model).__name__ == "Qwen2ForSequenceClassification"
     assert all(math.isfinite(v) for v in series(tmp_path, "train/loss").values())
+
+
+def test_a_preset_at_the_plugins_demo_learning_rate_is_warned_about():
+    from modalforge.cli import preset_lr_warning
+
+    args = ["plugin=sft", "model=preset/qwen2_5"]
+    warning = preset_lr_warning(compose(args), args)
+    assert warning is not None and "Qwen/Qwen2.5-0.5B-Instruct" in warning and "set optim.lr" in warning
+    assert preset_lr_warning(compose([*args, "optim.lr=2e-4"]), [*args, "optim.lr=2e-4"]) is None
+    tiny = [*args, "model.name_or_path=null"]
+    assert preset_lr_warning(compose(tiny), tiny) is None  # a twin from config: the demo's rate is the right one
+    assert preset_lr_warning(compose(["plugin=sft"]), ["plugin=sft"]) is None
