@@ -19,6 +19,7 @@ from modalforge.losses import token_loss
 from modalforge.plugins.multimodal.vlm.families import family
 from modalforge.run import run
 from modalforge.text.tokenize import IGNORE
+from cli_helpers import series
 from vlm_helpers import family_overrides, setup_components, write_colour_manifest
 
 FAMILIES = ["qwen2_vl", "gemma3", "idefics3", "llava_onevision", "internvl"]
@@ -45,8 +46,7 @@ def test_family_twin_learns_exports_and_generates_like_its_processor(name, manif
                              "optim.lr=3e-3", "optim.warmup_steps=2", "optim.scheduler=constant",
                              "data.num_eval_questions=8", *template))
     trainer, module, dm = run(cfg, tmp_path)
-    rows = [line.split(",") for line in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()]
-    column = lambda key: [float(r[rows[0].index(key)]) for r in rows[1:] if r[rows[0].index(key)]]  # noqa: E731
+    column = lambda key: list(series(tmp_path, key).values())  # noqa: E731 - in step order
     losses, accs = column("train/loss"), column("val/acc")
     assert losses[-1] < 0.5 * losses[0], losses
     assert accs[-1] >= 0.75, accs  # which colour: chance is 1/2
@@ -197,8 +197,7 @@ def test_paligemma_twin_learns_as_a_prefix_lm_and_exports(manifest, tmp_path):
                              "optim.lr=3e-3", "optim.warmup_steps=2", "optim.scheduler=constant",
                              "data.num_eval_questions=8"))
     trainer, module, dm = run(cfg, tmp_path)
-    rows = [line.split(",") for line in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()]
-    column = lambda key: [float(r[rows[0].index(key)]) for r in rows[1:] if r[rows[0].index(key)]]  # noqa: E731
+    column = lambda key: list(series(tmp_path, key).values())  # noqa: E731 - in step order
     assert column("train/loss")[-1] < 0.5 * column("train/loss")[0]
     assert column("val/acc")[-1] >= 0.75, column("val/acc")
     example = dm.train_set[0][0][0]

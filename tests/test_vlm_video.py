@@ -20,6 +20,7 @@ from modalforge.losses import token_loss
 from modalforge.plugins.multimodal.vlm.motion import QUESTION, draw_clip
 from modalforge.run import run
 from modalforge.text.tokenize import IGNORE
+from cli_helpers import series
 from vlm_helpers import FAST, setup_components
 
 
@@ -180,8 +181,7 @@ def test_the_motion_demo_learns_and_its_export_answers_a_video(tmp_path):
     cfg = compose(["plugin=vlm", "experiment=vlm/video", "trainer.max_steps=400", "trainer.val_check_interval=400",
                    "data.num_eval_questions=32", f"run_dir={tmp_path}", *FAST])
     trainer, module, dm = run(cfg, tmp_path)
-    rows = [line.split(",") for line in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()]
-    column = lambda key: [float(r[rows[0].index(key)]) for r in rows[1:] if r[rows[0].index(key)]]  # noqa: E731
+    column = lambda key: list(series(tmp_path, key).values())  # noqa: E731 - in step order
     losses, accs = column("train/loss"), column("val/acc")
     assert losses[-1] < 0.5 * losses[0], losses
     assert accs[-1] >= 0.5, accs

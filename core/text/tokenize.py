@@ -14,7 +14,6 @@ record: never a silently different token sequence.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -196,10 +195,9 @@ def generation_prompt_divergence(tokenizer: Any, messages: list[Message], prompt
 def _warn_if_prompted_otherwise(tokenizer: Any, messages: list[Message], prompt: str, tools: Any) -> None:
     """One warning per template whose generation prompt is not the start of its rendered answers."""
     template = str(_template_text(tokenizer, tools) or "")
-    key = hashlib.sha1(template.encode()).hexdigest()
-    if key in _CHECKED or not messages or messages[-1].get("role") == "assistant":
+    if template in _CHECKED or not messages or messages[-1].get("role") == "assistant":
         return
-    _CHECKED.add(key)
+    _CHECKED.add(template)
     found = generation_prompt_divergence(tokenizer, messages, prompt, tools)
     if found is not None:
         prompted, trained = found

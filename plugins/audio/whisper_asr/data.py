@@ -232,7 +232,7 @@ class WhisperASRDataModule(SourcedDataModule):
         return self.feature_extractor(wave.numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features[0]
 
     def _caches(self, count: int, what: str) -> bool:
-        if self.cache_features is not True and self.cache_features != "auto":
+        if self.cache_features is False:
             return False
         extractor = self.feature_extractor
         size = cache_bytes(count, extractor.feature_size, extractor.nb_max_frames)

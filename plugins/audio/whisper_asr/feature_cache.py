@@ -54,9 +54,6 @@ class FeatureCache:
             self._array = np.load(self.path, mmap_mode="r")
         return torch.from_numpy(np.array(self._array[index]))
 
-    def __len__(self) -> int:
-        return int(np.load(self.path, mmap_mode="r").shape[0])
-
     def __getstate__(self) -> dict[str, Any]:  # workers open their own map
         return {"path": self.path, "_array": None}
 

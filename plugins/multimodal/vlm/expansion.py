@@ -130,16 +130,14 @@ class ProcessorImages:
                             "here (video: model=vlm/qwen2_vl or model=vlm/llava_onevision)",
                             source=getattr(where, "source", None), location=getattr(where, "location", None))
         self._check_count("video", self.video_text, len(video_at), len(videos), where)
-        expanded_images = self.expansions(images)
-        media = sorted([(s, len(self.placeholder), lambda e=e: e) for s, e in zip(image_at, expanded_images)]
-                       + [(s, len(self.video_placeholder), lambda v=v: self.video_expansion(v))
-                          for s, v in zip(video_at, videos)], key=lambda m: m[0])
+        media = sorted([*((s, len(self.placeholder), e) for s, e in zip(image_at, self.expansions(images))),
+                        *((s, len(self.video_placeholder), self.video_expansion(v)) for s, v in zip(video_at, videos))],
+                       key=lambda m: m[0])
         out_ids: list[int] = []
         out_labels: list[int] = []
         arrays: dict[str, list[int]] = {}
         at = 0
-        for start, width, expand in media:
-            expanded, extra = expand()
+        for start, width, (expanded, extra) in media:
             text = start - at
             for key in extra:
                 arrays.setdefault(key, [0] * len(out_ids))
