@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from modalforge.adapters.stages import export_merged_by_default
 from modalforge.checkpoints import CONFIG_KEY, read_checkpoint
 from modalforge.errors import CheckpointError, RunDirError
 from modalforge.model_folder import write_model_folder
@@ -106,7 +107,8 @@ def export_checkpoint(source: str | Path, out: str | Path | None = None, *, merg
         source: a run directory or a checkpoint (``.ckpt`` file, or a distributed-checkpoint folder).
         out: destination (default ``<run_dir>/export/step<N>/``).
         merge_lora: merge a PEFT adapter into the base weights (default: as the run's own export would,
-            ``checkpoint.export_merged``, merged when the base was built from scratch).
+            ``checkpoint.export_merged``, merged when the base exists nowhere else:
+            built from scratch, or merged from an earlier stage's adapter).
         overwrite: replace ``out`` if it exists.
         trust: unpickle any object in the checkpoint (``torch.load(weights_only=False)``): a trusted file only.
     """
@@ -140,7 +142,7 @@ def export_checkpoint(source: str | Path, out: str | Path | None = None, *, merg
     ckpt_cfg = cfg.get("checkpoint") or {}
     merge = ckpt_cfg.get("export_merged")
     if merge is None:
-        merge = not (cfg.get("model") or {}).get("name_or_path")
+        merge = export_merged_by_default(cfg.get("model"), cfg.get("adapter"))
     merge = bool(merge) or merge_lora
     metadata = {"plugin": cfg.plugin.name, "adapter": cfg.adapter.get("_target_"),
                 "config": OmegaConf.to_container(cfg, resolve=False), "global_step": step,

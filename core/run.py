@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from modalforge import quiet, registry, run_lock
+from modalforge.adapters.stages import export_merged_by_default
 from modalforge.batch_size import SEARCH_KEYS, datamodule_config, is_auto, recorded_batch_size
 from modalforge.callbacks.batch_size_search import BatchSizeSearch
 from modalforge.callbacks.export import ExportOnTrainEnd, exported_step
@@ -112,8 +113,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, enable_checkpointing: boo
                     "config": OmegaConf.to_container(cfg, resolve=False)}
         merge = ckpt.get("export_merged")
         if merge is None:
-            # An adapter alone is useless without its base; a from-scratch base exists nowhere else.
-            merge = not (cfg.get("model") or {}).get("name_or_path")
+            merge = export_merged_by_default(cfg.get("model"), cfg.get("adapter"))
         callbacks.append(ExportOnTrainEnd(output_dir / "final", metadata=metadata, merge=bool(merge)))
     return callbacks
 

@@ -116,13 +116,17 @@ stages:
 
 
 def test_shipped_pipelines_by_name_and_dry_run(tmp_path, capsys):
-    assert {"causal_lm_sft_dpo", "causal_lm_sft_dpo_grpo", "clip_image_classification",
+    assert {"causal_lm_sft_dpo", "causal_lm_sft_dpo_grpo", "causal_lm_sft_dpo_lora", "clip_image_classification",
             "clip_causal_lm_vlm"} <= set(pl.shipped_pipelines())
     main(["pipeline", "causal_lm_sft_dpo", "--dry-run", "--dir", str(tmp_path / "run"), "trainer.max_steps=3"])
     out = capsys.readouterr().out
     final = (tmp_path / "run" / "pretrain" / "final").absolute()
     assert f"train plugin=sft model=sft/pretrained model.name_or_path={final}" in out
     assert out.count("trainer.max_steps=3") == 3 and "runs" in out
+    main(["pipeline", "causal_lm_sft_dpo_lora", "--dry-run", "--dir", str(tmp_path / "run")])
+    sft_final = (tmp_path / "run" / "sft" / "final").absolute()
+    assert f"train plugin=dpo model=dpo/pretrained model.name_or_path={sft_final} adapter=lora" in \
+        capsys.readouterr().out
     main(["pipeline", "clip_image_classification", "--dry-run", "--dir", str(tmp_path / "run")])
     assert "model=image_classification/clip_tower model.path=" in capsys.readouterr().out
     main(["pipeline", "clip_causal_lm_vlm", "--dry-run", "--dir", str(tmp_path / "run")])

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modalforge.adapters.stages import continues_adapter
+from modalforge.errors import ConfigError
 from modalforge.interfaces import Adapter
 
 
@@ -22,6 +24,8 @@ class _PeftAdapter(Adapter):
     is_peft = True
 
     modules_to_save: list[str] | None = None
+    #: continue training the adapter that ``model.name_or_path`` holds (see :mod:`modalforge.adapters.stages`)
+    resume: bool = False
 
     def _config(self, targets: list[str] | str | None, heads: list[str] | None) -> Any:
         raise NotImplementedError
@@ -32,10 +36,23 @@ class _PeftAdapter(Adapter):
     def _heads(self, heads: list[str] | None) -> list[str] | None:
         return self.modules_to_save if self.modules_to_save is not None else (list(heads) if heads else None)
 
+    def load_kwargs(self, precision: str | int | None = None) -> dict[str, Any]:
+        """``resume_adapter`` for builders that load an adapter folder (:mod:`modalforge.adapters.stages`)."""
+        return {"resume_adapter": True} if self.resume else {}
+
     def apply(self, module: nn.Module, default_targets: list[str] | str | None = None,
               heads: list[str] | None = None) -> nn.Module:
         from peft import get_peft_model
 
+        if continues_adapter(module):
+            return module  # the earlier stage's adapter, loaded trainable: its own config (rank, targets) holds
+        if self.resume:
+            raise ConfigError("adapter.resume=true continues the adapter that model.name_or_path holds, but the "
+                              "model did not come from an adapter folder (adapter_config.json)",
+                              where="adapter.resume",
+                              hint="point model.name_or_path at an earlier stage's final/ trained with adapter=lora "
+                                   "(its builder must load adapter folders, as modalforge.text.models.build_causal_lm "
+                                   "does), or drop adapter.resume to train a new adapter")
         return get_peft_model(module, self._config(default_targets, heads))
 
     def save(self, module: nn.Module, directory: str | Path) -> None:
@@ -83,13 +100,16 @@ class LoraAdapter(_PeftAdapter):
         target_modules: module names or ``all-linear``; ``None`` uses the plugin's default.
         modules_to_save: modules trained in full and saved beside the adapter (e.g. a new head).
         bias: ``none``, ``all`` or ``lora_only``.
+        resume: when ``model.name_or_path`` is an earlier stage's adapter folder, train that adapter further
+            (its saved rank and targets hold) instead of merging it and training a new one.
     """
 
     def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: list[str] | str | None = None,
                  modules_to_save: list[str] | None = None, bias: str = "none", use_dora: bool = False,
-                 use_rslora: bool = False) -> None:
+                 use_rslora: bool = False, resume: bool = False) -> None:
         self.r, self.alpha, self.dropout, self.target_modules = r, alpha, dropout, target_modules
         self.modules_to_save, self.bias, self.use_dora, self.use_rslora = modules_to_save, bias, use_dora, use_rslora
+        self.resume = resume
 
     def _config(self, default_targets: list[str] | str | None, heads: list[str] | None) -> Any:
         from peft import LoraConfig

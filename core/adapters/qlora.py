@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from modalforge.adapters.peft_adapters import LoraAdapter
+from modalforge.adapters.stages import continues_adapter
 from modalforge.errors import ConfigError
 
 
@@ -154,12 +155,14 @@ class QLoraAdapter(LoraAdapter):
     def load_kwargs(self, precision: str | int | None = None) -> dict[str, Any]:
         """``from_pretrained`` arguments that load the base straight in 4 bits (see the module docstring)."""
         self.precision = None if precision is None else str(precision)
-        return {"quantization_config": bnb_quantization_config(self.resolved_compute_dtype(), self.quant_type,
+        return {**super().load_kwargs(precision), "quantization_config": bnb_quantization_config(self.resolved_compute_dtype(), self.quant_type,
                                                                self.double_quant, self.quant_storage,
                                                                self.skip_modules)}
 
     def apply(self, module: nn.Module, default_targets: list[str] | str | None = None,
               heads: list[str] | None = None) -> nn.Module:
+        if continues_adapter(module):
+            return super().apply(module, default_targets, heads)  # loaded in 4 bits, adapter trainable: as it is
         already = any(type(m).__name__ == "Linear4bit" for m in module.modules())
         if not already:
             if quantize_linears(module, skip=self.skip_modules + list(self._heads(heads) or []),

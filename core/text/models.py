@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from modalforge.adapters.stages import adapter_folder, config_source, load_adapter_stage
 from modalforge.errors import ConfigError
 from modalforge.models import check_hub, offline_hint
 
@@ -14,12 +15,15 @@ def build_causal_lm(name_or_path: str | None = None, config: dict[str, Any] | No
                     vocab_size: int | None = None, pad_token_id: int | None = None,
                     bos_token_id: int | None = None, eos_token_id: int | None = None,
                     dtype: str | None = None, trust_remote_code: bool = False,
-                    attn_implementation: str | None = None, quantization_config: Any = None):  # noqa: ANN201
+                    attn_implementation: str | None = None, quantization_config: Any = None,
+                    resume_adapter: bool = False):  # noqa: ANN201
     """``AutoModelForCausalLM`` from ``name_or_path``, or from ``config`` (a dict with ``model_type``).
 
     ``vocab_size`` and the special token ids come from the tokenizer (hints) when
     building from scratch; a loaded model gets its embeddings resized if the
-    tokenizer is larger.
+    tokenizer is larger. ``name_or_path`` may be an earlier stage's PEFT adapter folder: its base
+    is loaded and the adapter merged, or kept trainable with ``resume_adapter`` (``adapter.resume``;
+    see :mod:`modalforge.adapters.stages`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -34,6 +38,11 @@ def build_causal_lm(name_or_path: str | None = None, config: dict[str, Any] | No
         kwargs["dtype"] = getattr(torch, dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    folder = adapter_folder(name_or_path)
+    if folder is not None:
+        base_kwargs = {"vocab_size": vocab_size, "dtype": dtype, "trust_remote_code": trust_remote_code,
+                       "attn_implementation": attn_implementation, "quantization_config": quantization_config}
+        return load_adapter_stage(folder, build_causal_lm, resume=resume_adapter, base_kwargs=base_kwargs)
     if name_or_path:
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
@@ -64,7 +73,7 @@ def block_classes_for(model_cfg: dict[str, Any]) -> set[type]:
     try:
         if model_cfg.get("name_or_path"):
             check_hub(model_cfg["name_or_path"])  # unreachable: no hint, at once (the load then says why)
-            config = AutoConfig.from_pretrained(model_cfg["name_or_path"],
+            config = AutoConfig.from_pretrained(config_source(model_cfg["name_or_path"]),
                                                 trust_remote_code=bool(model_cfg.get("trust_remote_code")))
         else:
             settings = dict(model_cfg.get("config") or {})

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from modalforge.adapters import continues_adapter
 from modalforge.data.cache import cache_root, write_atomic
 from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
@@ -141,6 +142,7 @@ class DPOObjective(ModelObjective):
             self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
         self.reference_mode, self.sample_max_new_tokens = reference, sample_max_new_tokens
         self.reference: nn.Module | None = None
+        self._reference_ready = False  # settled at the first set_adapter_target; export's merged model keeps it
         self._table: dict[str, torch.Tensor] | None = None
         self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric()
 
@@ -201,6 +203,9 @@ class DPOObjective(ModelObjective):
     # ---- building -----------------------------------------------------------------
     def set_adapter_target(self, module: nn.Module) -> None:
         self.model = module
+        if self._reference_ready:  # export puts back the merged model: the reference is settled already
+            return
+        self._reference_ready = True
         if self.disable_dropout:
             disable_dropout(module)
         if all(n in REFERENCE_FREE for n in self.loss_names) and self.reference_mode == "auto":
@@ -208,7 +213,9 @@ class DPOObjective(ModelObjective):
         if self.reference_mode == "none":
             return
         if self.reference_mode == "auto":
-            self.reference_mode = "adapter" if hasattr(module, "disable_adapter") else "copy"
+            # a continued earlier-stage adapter (adapter.resume): disabled, it is the original base, not the start
+            self.reference_mode = "adapter" if hasattr(module, "disable_adapter") and not continues_adapter(module) \
+                else "copy"
         if self.reference_mode == "adapter" and not hasattr(module, "disable_adapter"):
             raise ModalforgeError("objective.reference=adapter needs a PEFT adapter (adapter=lora|qlora|dora|ia3)")
         if self.sync_ref_model and self.reference_mode != "copy":
