@@ -23,8 +23,8 @@ from modalforge.models import build_model
 from modalforge.optim import build_optimizer
 
 # train_text_to_image.py's objective: epsilon on a DDPM schedule, uniform timesteps (the demo default is flow)
-COMMON = ["objective.eval_samples_per_class=0", "optim.warmup_steps=0", "optim.scheduler=constant",
-          "objective.prediction=epsilon", "objective.timestep_sampling=uniform"]
+COMMON = ["objective.evaluation.samples_per_class=0", "optim.warmup_steps=0", "optim.scheduler=constant",
+          "objective.schedule.prediction_type=epsilon", "objective.schedule.timestep_sampling=uniform"]
 
 
 def diffusers_loop(steps: int, seed: int, batch_size: int) -> float:
@@ -40,7 +40,7 @@ def diffusers_loop(steps: int, seed: int, batch_size: int) -> float:
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                     prediction_type="epsilon", clip_sample=False)
     optimizer = build_optimizer(unet.named_parameters(), dict(cfg.optim))
-    ema_unet = EMAModel(unet.parameters(), decay=float(cfg.objective.ema_decay), foreach=True)
+    ema_unet = EMAModel(unet.parameters(), decay=float(cfg.objective.ema.decay), foreach=True)
     unet.train()
     done, start = 0, None
     while done < steps:

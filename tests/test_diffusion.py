@@ -22,8 +22,8 @@ from cli_helpers import FAST, series
 pytest.importorskip("diffusers")
 
 # small batches, a 2-step sampler and a small FID reference set keep each run to seconds
-QUICK = ["data.batch_size=8", "optim.warmup_steps=0", "objective.sample_steps=2", "objective.eval_samples_per_class=2",
-         "objective.fid_real_images=16"]
+QUICK = ["data.batch_size=8", "optim.warmup_steps=0", "objective.evaluation.sample_steps=2", "objective.evaluation.samples_per_class=2",
+         "objective.evaluation.fid_real_images=16"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_flow_matching_and_logit_normal_match_sd3():
 
 # ---- training --------------------------------------------------------------------------------
 def test_demo_datamodule_works_alone():
-    dm = DiffusionDataModule(batch_size=4, caption_dropout=0.5, seed=1)
+    dm = DiffusionDataModule(batch_size=4, seed=1)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
@@ -104,8 +104,8 @@ def test_conforms_class_conditional_with_ema(tmp_path):
 
 
 def test_text_conditioning_with_caption_dropout(tmp_path):
-    report = assert_plugin_conforms("diffusion", tmp_path, [*QUICK, "objective.conditioning=text",
-                                                            "data.caption_dropout=0.2", "objective.ema_decay=null",
+    report = assert_plugin_conforms("diffusion", tmp_path, [*QUICK, "objective.conditioning.kind=text",
+                                                            "objective.conditioning.caption_dropout=0.2", "objective.ema.decay=null",
                                                             "optim.lr=3e-3"], steps=6)
     assert any("attn2" in n for n in report.changed)  # cross-attention to the caption learns
 
@@ -113,8 +113,8 @@ def test_text_conditioning_with_caption_dropout(tmp_path):
 def test_run_samples_resumes_its_ema_and_exports_a_diffusers_pipeline(tmp_path):
     from diffusers import DDPMPipeline
 
-    common = ["plugin=diffusion", *FAST, *QUICK, "objective.conditioning=none", "objective.prediction=v_prediction",
-              "objective.snr_gamma=5.0", "objective.ema_decay=0.9", "trainer.val_check_interval=4",
+    common = ["plugin=diffusion", *FAST, *QUICK, "objective.conditioning.kind=none", "objective.schedule.prediction_type=v_prediction",
+              "objective.loss.snr_gamma=5.0", "objective.ema.decay=0.9", "trainer.val_check_interval=4",
               "trainer.limit_val_batches=2", "checkpoint.every_n_train_steps=4", "callbacks=none",
               f"run_dir={tmp_path / 'run'}"]
     trainer, module, _ = run(compose([*common, "trainer.max_steps=4"]), tmp_path / "run")
@@ -140,9 +140,9 @@ def test_run_samples_resumes_its_ema_and_exports_a_diffusers_pipeline(tmp_path):
 def test_class_conditional_export_generates_with_plain_diffusers(tmp_path):
     from diffusers import DDIMScheduler, UNet2DModel
 
-    cfg = compose(["plugin=diffusion", *FAST, *QUICK, "objective.prediction=flow",
-                   "objective.timestep_sampling=logit_normal", "trainer.max_steps=2", "trainer.limit_val_batches=0",
-                   "callbacks=none", "objective.eval_samples_per_class=0"])
+    cfg = compose(["plugin=diffusion", *FAST, *QUICK, "objective.schedule.prediction_type=flow",
+                   "objective.schedule.timestep_sampling=logit_normal", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+                   "callbacks=none", "objective.evaluation.samples_per_class=0"])
     run(cfg, tmp_path / "run")
     final = tmp_path / "run" / "final"
     labels = json.loads((final / "labels.json").read_text())
@@ -182,15 +182,30 @@ def test_bad_model_options_name_the_option(tmp_path):
 
     with pytest.raises(ModalforgeError, match=r"data.image_size=30 is not divisible by the VAE's downsampling factor 4"):
         build_diffusion(vae={"block_out_channels": [16, 32, 32]}, image_size=30)
-    with pytest.raises(ModalforgeError, match=r"objective.prediction=epsilon is not supported by the pretrained "
+    with pytest.raises(ModalforgeError, match=r"objective.schedule.prediction_type=epsilon is not supported by the pretrained "
                                               r"pipeline's scheduler FlowMatchEulerDiscreteScheduler"):
         build_noise_scheduler("epsilon", pretrained={"_class_name": "FlowMatchEulerDiscreteScheduler"})
-    with pytest.raises(ModalforgeError, match=r"objective.sampler=ddim does not support objective.prediction=flow"):
+    with pytest.raises(ModalforgeError, match=r"objective.evaluation.sampler=ddim does not support objective.schedule.prediction_type=flow"):
         build_sampler("ddim", build_noise_scheduler("flow"), "flow")
     (tmp_path / "not_a_pipeline").mkdir()
     with pytest.raises(ModalforgeError, match=r"not_a_pipeline'? is not a diffusers pipeline folder: .*model_index.json"):
         build_diffusion(name_or_path=str(tmp_path / "not_a_pipeline"))
-    with pytest.raises(ModalforgeError, match="objective.snr_gamma"):
+    with pytest.raises(ModalforgeError, match="objective.loss.snr_gamma"):
         from modalforge.plugins.vision.diffusion.objective import DiffusionObjective
 
-        DiffusionObjective(prediction="flow", snr_gamma=5.0)
+        DiffusionObjective(schedule={"prediction_type": "flow"}, loss={"snr_gamma": 5.0})
+
+
+def test_option_groups_are_checked_by_the_core_signature_check():
+    from modalforge.errors import ConfigError
+    from modalforge.plugins.vision.diffusion.objective import DiffusionObjective
+    from modalforge.plugins.vision.diffusion.options import EMAOptions
+
+    with pytest.raises(ConfigError, match=r"did you mean 'decay'") as err:
+        DiffusionObjective(ema={"decy": 0.9})
+    assert err.value.where == "objective.ema.decy" and "decay, update_after_step" in err.value.hint
+    with pytest.raises(ConfigError, match="one of: epsilon, v_prediction, sample, flow"):
+        DiffusionObjective(schedule={"prediction_type": "flo"})
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\)"):
+        DiffusionObjective(ema={"decay": 1.5})
+    assert DiffusionObjective(ema=EMAOptions(decay=0.9)).ema_options.decay == 0.9

@@ -17,8 +17,8 @@ from cli_helpers import FAST
 
 pytest.importorskip("diffusers")
 
-QUICK = ["data.batch_size=8", "optim.warmup_steps=0", "objective.sample_steps=2", "objective.eval_samples_per_class=2",
-         "objective.fid_real_images=16"]
+QUICK = ["data.batch_size=8", "optim.warmup_steps=0", "objective.evaluation.sample_steps=2", "objective.evaluation.samples_per_class=2",
+         "objective.evaluation.fid_real_images=16"]
 # a 2-layer transformer keeps each run to a few seconds
 TINY_T = ["model.transformer.num_layers=2", "model.transformer.num_attention_heads=2",
           "model.transformer.attention_head_dim=16"]
@@ -29,7 +29,7 @@ def test_dit_from_config_learns_and_names_its_blocks(tmp_path):
     from diffusers.models.attention import BasicTransformerBlock
 
     report = assert_plugin_conforms("diffusion", tmp_path, [*QUICK, "model=diffusion/dit_tiny", *TINY_T,
-                                                            "optim.lr=1e-3", "objective.ema_decay=null"], steps=8)
+                                                            "optim.lr=1e-3", "objective.ema.decay=null"], steps=8)
     assert any("emb.class_embedder" in n for n in report.changed)  # the class embedding learns
     from modalforge.plugins.vision.diffusion.denoisers import block_classes_for
 
@@ -40,8 +40,8 @@ def test_sd3_from_config_learns_with_flow_and_pooled_text(tmp_path):
     from diffusers.models.attention import JointTransformerBlock
 
     report = assert_plugin_conforms("diffusion", tmp_path, [*QUICK, "model=diffusion/sd3_tiny", *TINY_T,
-                                                            "objective.conditioning=text", "objective.prediction=flow",
-                                                            "objective.ema_decay=null", "optim.lr=1e-3"], steps=8)
+                                                            "objective.conditioning.kind=text", "objective.schedule.prediction_type=flow",
+                                                            "objective.ema.decay=null", "optim.lr=1e-3"], steps=8)
     assert any("time_text_embed.text_embedder" in n for n in report.changed)  # the pooled projection learns
     assert any("context_embedder" in n for n in report.changed)  # the token states' projection learns
     from modalforge.plugins.vision.diffusion.denoisers import block_classes_for
@@ -76,10 +76,10 @@ def _tiny_clip(tokenizer, hidden: int, projection: int):
 
 
 def _pretrained_run(tmp_path: Path, folder: Path, *extra: str):
-    if not any(e.startswith("objective.prediction=") for e in extra):  # the demo's flow default; DDPM pipelines
-        extra = ("objective.prediction=epsilon", "objective.timestep_sampling=uniform", *extra)
+    if not any(e.startswith("objective.schedule.prediction_type=") for e in extra):  # the demo's flow default; DDPM pipelines
+        extra = ("objective.schedule.prediction_type=epsilon", "objective.schedule.timestep_sampling=uniform", *extra)
     cfg = compose(["plugin=diffusion", *FAST, *QUICK, "model=diffusion/pretrained", f"model.name_or_path={folder}",
-                   "objective.eval_samples_per_class=0", "objective.ema_decay=null", "trainer.max_steps=3",
+                   "objective.evaluation.samples_per_class=0", "objective.ema.decay=null", "trainer.max_steps=3",
                    "trainer.limit_val_batches=0", "callbacks=none", *extra])
     return run(cfg, tmp_path / "run")
 
@@ -122,8 +122,8 @@ def test_sd3_pipeline_folder_trains_through_its_prompt_encoder(tmp_path):
                                     text_encoder_2=_tiny_clip(tokenizer, 32, 16), tokenizer_2=tokenizer,
                                     text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(str(tmp_path / "sd3"))
-    trainer, module, _ = _pretrained_run(tmp_path, tmp_path / "sd3", "objective.conditioning=text",
-                                         "objective.prediction=flow", "objective.timestep_sampling=logit_normal")
+    trainer, module, _ = _pretrained_run(tmp_path, tmp_path / "sd3", "objective.conditioning.kind=text",
+                                         "objective.schedule.prediction_type=flow", "objective.schedule.timestep_sampling=logit_normal")
     objective = module.objective
     assert type(objective.text_encoder).__name__ == "PipelinePromptEncoder"
     assert not any(p.requires_grad for p in objective.text_encoder.parameters())
@@ -164,8 +164,8 @@ def test_lora_export_loads_with_plain_diffusers_load_lora_weights(tmp_path):
     from safetensors.torch import load_file
 
     base_dir = _tiny_sd_pipeline(tmp_path)
-    _pretrained_run(tmp_path, base_dir, "adapter=lora", "objective.conditioning=text", "optim.lr=1e-2",
-                    "objective.ema_decay=0.5")
+    _pretrained_run(tmp_path, base_dir, "adapter=lora", "objective.conditioning.kind=text", "optim.lr=1e-2",
+                    "objective.ema.decay=0.5")
     final = tmp_path / "run" / "final"
     assert (final / "adapter_config.json").exists()  # the PEFT adapter, as every plugin writes it
     keys = load_file(str(final / "pytorch_lora_weights.safetensors")).keys()
@@ -263,10 +263,11 @@ def test_given_class_images_are_not_regenerated(tmp_path):
     from modalforge.errors import ModalforgeError
     from modalforge.plugins.vision.diffusion.objective import DiffusionObjective
 
-    with pytest.raises(ModalforgeError, match="needs objective.class_prompt"):
-        DiffusionObjective(conditioning="text", prior_loss_weight=1.0, class_data_dir=str(tmp_path))
-    with pytest.raises(ModalforgeError, match="needs objective.conditioning=text"):
-        DiffusionObjective(conditioning="class", prior_loss_weight=1.0)
+    with pytest.raises(ModalforgeError, match="needs objective.prior.class_prompt"):
+        DiffusionObjective(conditioning={"kind": "text"}, prior={"loss_weight": 1.0, "class_data_dir": str(tmp_path)})
+    with pytest.raises(ModalforgeError, match="needs objective.conditioning.kind=text"):
+        DiffusionObjective(conditioning={"kind": "class"},
+                           prior={"loss_weight": 1.0, "class_prompt": "a shape", "class_data_dir": str(tmp_path)})
 
 
 def test_dreambooth_run_generates_class_images_and_logs_the_prior_loss(tmp_path):
@@ -274,9 +275,9 @@ def test_dreambooth_run_generates_class_images_and_logs_the_prior_loss(tmp_path)
 
     base_dir = _tiny_sd_pipeline(tmp_path)
     trainer, module, _ = _pretrained_run(
-        tmp_path, base_dir, "adapter=lora", "objective.conditioning=text", "objective.prior_loss_weight=1.0",
-        "objective.class_prompt='a shape'", f"objective.class_data_dir={tmp_path / 'class'}",
-        "objective.num_class_images=3", "objective.sample_steps=2")
+        tmp_path, base_dir, "adapter=lora", "objective.conditioning.kind=text", "objective.prior.loss_weight=1.0",
+        "objective.prior.class_prompt='a shape'", f"objective.prior.class_data_dir={tmp_path / 'class'}",
+        "objective.prior.num_class_images=3", "objective.evaluation.sample_steps=2")
     assert len(list((tmp_path / "class").glob("*.png"))) == 3
     prior = series(tmp_path / "run", "train/prior_loss")
     assert prior and all(v > 0 for v in prior.values())
@@ -305,8 +306,8 @@ def test_clip_text_tower_as_the_text_encoder_and_clip_fid_features(tmp_path, cli
     from cli_helpers import series
     from modalforge.plugins.vision.diffusion.clip_towers import OpenClipTokenizer, OpenClipTextTower, load_clip_run
 
-    cfg = compose(["plugin=diffusion", *FAST, *QUICK, "objective.conditioning=text", "objective.ema_decay=null",
-                   f"model.text_encoder.name_or_path={clip_final}", f"objective.fid_features={clip_final}",
+    cfg = compose(["plugin=diffusion", *FAST, *QUICK, "objective.conditioning.kind=text", "objective.ema.decay=null",
+                   f"model.text_encoder.name_or_path={clip_final}", f"objective.evaluation.fid_features={clip_final}",
                    "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                    "callbacks=none"])
     trainer, module, dm = run(cfg, tmp_path / "run")
@@ -350,7 +351,7 @@ def test_under_ddp_only_rank_zero_samples_and_the_others_receive_its_figures():
     sent = []
 
     def run_rank(rank: int, strategy) -> tuple[dict, int]:
-        objective = DiffusionObjective(eval_samples_per_class=2)
+        objective = DiffusionObjective(evaluation={"samples_per_class": 2})
         calls = []
         objective._sample_metrics = lambda: calls.append(rank) or {"fid": 3.0, "sample_class_acc": 0.5}
 

@@ -153,7 +153,7 @@ class OpenClipImageFeatures(nn.Module):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        clip, preprocess, _ = load_clip_run(path, "objective.fid_features")
+        clip, preprocess, _ = load_clip_run(path, "objective.evaluation.fid_features")
         self.visual = clip.visual
         self.image_size = int(preprocess["image_size"])
         mean = preprocess.get("mean") or [0.48145466, 0.4578275, 0.40821073]

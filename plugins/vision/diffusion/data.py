@@ -112,13 +112,10 @@ class DiffusionDataModule(SourcedDataModule):
             coloured-shapes demo set.
         val: same kinds (one set or named sets); ``None`` holds out ``val_fraction`` of ``train``.
         image_field / caption_field / label_field: manifest fields (image path relative to the manifest).
-        conditioning: what the Objective conditions on (set from ``objective.conditioning``): ``class``
+        conditioning: what the Objective conditions on (set from ``objective.conditioning.kind``): ``class``
             needs a label on every record, ``text`` a caption.
         image_size: square training resolution; images of other sizes are resized and centre-cropped.
         random_flip: random horizontal flips (off by default: the demo's captions say "left"/"right").
-        caption_dropout: probability of dropping a training example's condition (caption -> ``""``,
-            label -> the null class) so classifier-free guidance can sample without it; drawn by the
-            objective in its training step (``DiffusionObjective.drop_conditions``), not here.
         tokenizer: a tokenizer folder or hub id for captions; ``None`` uses the model's own
             (``model.name_or_path``) or trains a byte-level BPE on the captions.
         context_length: caption tokens (padded / truncated).
@@ -133,19 +130,15 @@ class DiffusionDataModule(SourcedDataModule):
 
     def __init__(self, train: Any = None, val: Any = None, image_field: str = "image", caption_field: str = "caption",
                  label_field: str = "label", conditioning: Conditioning = "class", image_size: int = 32,
-                 random_flip: bool = False, caption_dropout: float = 0.0, tokenizer: str | None = None,
+                 random_flip: bool = False, tokenizer: str | None = None,
                  context_length: int = 16, tokenizer_vocab_size: int = 400, cache_latents: bool = False,
                  verify: bool | None = None, skip_bad: bool = False, batch_size: int = 32, num_workers: Workers = "auto", val_fraction: float = 0.1,
                  cache_dir: str | None = None, seed: int = 0) -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
-        if conditioning not in ("none", "class", "text"):
-            raise DataError(f"data.conditioning={conditioning!r} is not one of: none, class, text")
-        if not 0.0 <= caption_dropout < 1.0:
-            raise DataError(f"data.caption_dropout={caption_dropout} must be in [0, 1)")
         self.image_field, self.caption_field, self.label_field = image_field, caption_field, label_field
         self.conditioning, self.image_size, self.random_flip = conditioning, int(image_size), random_flip
-        self.caption_dropout, self.tokenizer_name, self.context_length = caption_dropout, tokenizer, context_length
+        self.tokenizer_name, self.context_length = tokenizer, context_length
         self.tokenizer_vocab_size, self.cache_latents = tokenizer_vocab_size, cache_latents
         self.decodes_per_item = not cache_latents  # cached latents are served from memory
         self.verify, self.skip_bad = verify, skip_bad
@@ -305,9 +298,9 @@ class DiffusionDataModule(SourcedDataModule):
         return out["input_ids"]
 
     def _collate(self, items: list[tuple[torch.Tensor, str, int]], train: bool) -> dict[str, Any]:
-        """Stack images (or latents). ``caption_dropout`` is the objective's to draw: a generator here,
-        in a data-loader worker or seeded alike on every rank, is not in the checkpoint, so a resumed run
-        dropped other conditions than the run it continues."""
+        """Stack images (or latents). ``objective.conditioning.caption_dropout`` is the objective's to draw:
+        a generator here, in a data-loader worker or seeded alike on every rank, is not in the checkpoint,
+        so a resumed run dropped other conditions than the run it continues."""
         captions = [c for _, c, _ in items]
         labels = [l for _, _, l in items]
         key = "latents" if train and isinstance(self.train_set, LatentItems) else "pixel_values"

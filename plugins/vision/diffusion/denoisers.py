@@ -108,16 +108,16 @@ def build_transformer(kind: DenoiserKind, settings: dict[str, Any] | None, *, sa
     if kind == "dit":
         if conditioning == "text":
             raise ModalforgeError("model.denoiser=dit (DiTTransformer2DModel) is class-conditional; use "
-                                  "objective.conditioning=class (or none), or model=diffusion/sd3_tiny for text")
+                                  "objective.conditioning.kind=class (or none), or model=diffusion/sd3_tiny for text")
         if conditioning == "class" and num_classes < 1:
-            raise ModalforgeError("objective.conditioning=class needs labelled data (data.label_field); none found")
+            raise ModalforgeError("objective.conditioning.kind=class needs labelled data (data.label_field); none found")
         defaults = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32, "patch_size": 2}
         return DiTTransformer2DModel(**{**defaults, **cfg, "sample_size": sample_size, "in_channels": channels,
                                         "out_channels": channels, "num_embeds_ada_norm": max(num_classes, 1)})
     if kind == "sd3":
         if conditioning != "text":
             raise ModalforgeError("model.denoiser=sd3 (SD3Transformer2DModel) is text-conditional; use "
-                                  "objective.conditioning=text")
+                                  "objective.conditioning.kind=text")
         defaults = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32, "patch_size": 2}
         cfg = {**defaults, **cfg}
         cfg.setdefault("caption_projection_dim", cfg["num_attention_heads"] * cfg["attention_head_dim"])

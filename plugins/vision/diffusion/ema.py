@@ -20,7 +20,7 @@ class EMAWeights(nn.Module):
 
     Args:
         params: the trained parameters (the denoiser's, or only its LoRA weights under an adapter).
-        decay: the EMA decay (``objective.ema_decay``); diffusers warms it up as ``(1 + n) / (10 + n)``.
+        decay: the EMA decay (``objective.ema.decay``); diffusers warms it up as ``(1 + n) / (10 + n)``.
         update_after_step: optimizer steps before the EMA starts following.
     """
 

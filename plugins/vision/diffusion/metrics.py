@@ -99,7 +99,7 @@ class ImageClassifier(nn.Module):
         return self._features.flatten(1)
 
 
-def load_classifier(path: str, what: str = "objective.eval_classifier") -> ImageClassifier:
+def load_classifier(path: str, what: str = "objective.evaluation.classifier") -> ImageClassifier:
     """Load an ``image_classification`` run's ``final/`` (``modalforge.json`` + weights + ``labels.json``)."""
     from omegaconf import OmegaConf
 
@@ -132,7 +132,7 @@ def load_classifier(path: str, what: str = "objective.eval_classifier") -> Image
 
 
 def fid_feature_network(spec: str, seed: int = 0) -> tuple[nn.Module | int, str]:
-    """The ``feature`` argument of torchmetrics' FID / KID and a short name of it, from ``objective.fid_features``.
+    """The ``feature`` argument of torchmetrics' FID / KID and a short name of it, from ``objective.evaluation.fid_features``.
 
     ``auto``: Inception when available locally, else random conv features; ``inception``;
     ``random``; or a path to an ``image_classification`` run's ``final/`` (its penultimate
@@ -142,10 +142,10 @@ def fid_feature_network(spec: str, seed: int = 0) -> tuple[nn.Module | int, str]
         spec = "inception" if inception_available() else "random"
         if spec == "random":
             log.info("diffusion: Inception weights not available locally; FID/KID use random conv features "
-                     "(objective.fid_features=<image_classification final/> for a trained network)")
+                     "(objective.evaluation.fid_features=<image_classification final/> for a trained network)")
     if spec == "inception":
         if not inception_available():
-            raise ModalforgeError("objective.fid_features=inception needs torch-fidelity and its weights "
+            raise ModalforgeError("objective.evaluation.fid_features=inception needs torch-fidelity and its weights "
                                   f"({INCEPTION_WEIGHTS}) in {Path(torch.hub.get_dir()) / 'checkpoints'}; "
                                   "use fid_features=random or an image_classification run's final/")
         return 2048, "inception"
@@ -155,7 +155,7 @@ def fid_feature_network(spec: str, seed: int = 0) -> tuple[nn.Module | int, str]
 
     if is_clip_run(spec):
         return OpenClipImageFeatures(spec), "clip"
-    return load_classifier(spec, "objective.fid_features"), "classifier"
+    return load_classifier(spec, "objective.evaluation.fid_features"), "classifier"
 
 
 def build_fid_kid(feature: nn.Module | int, num_fake: int, num_real: int) -> dict[str, Any]:

@@ -228,7 +228,7 @@ def build_diffusion(name_or_path: str | None = None, denoiser: DenoiserKind = "u
         return DiffusionModels(denoiser_model, vae=vae_model, text_encoder=encoder, tokenizer=text_tokenizer)
     if conditioning == "class":
         if num_classes < 1:
-            raise ModalforgeError("objective.conditioning=class needs labelled data (data.label_field); none found")
+            raise ModalforgeError("objective.conditioning.kind=class needs labelled data (data.label_field); none found")
         settings["num_class_embeds"] = num_classes + 1  # + the null class of classifier-free guidance
     return DiffusionModels(UNet2DModel(**common, **settings), vae=vae_model)
 
@@ -260,7 +260,7 @@ def _from_pipeline(name_or_path: str, image_size: int, conditioning: str) -> Dif
     vae = getattr(pipe, "vae", None)
     text_encoder = getattr(pipe, "text_encoder", None)
     if conditioning == "text" and text_encoder is None:
-        raise ModelLoadError(f"model.name_or_path={name_or_path!r} has no text_encoder; objective.conditioning=text "
+        raise ModelLoadError(f"model.name_or_path={name_or_path!r} has no text_encoder; objective.conditioning.kind=text "
                              "needs one (or use conditioning=none / class)")
     if conditioning == "text" and type(denoiser).__name__ == "SD3Transformer2DModel":
         text_encoder = PipelinePromptEncoder(pipe)  # SD3 reads two CLIPs (+ T5) through encode_prompt

@@ -1,7 +1,7 @@
 """DreamBooth prior preservation: the class images and their prompt, as diffusers' train_dreambooth*.py.
 
-``objective.class_data_dir`` holds the class images; when it has fewer than
-``objective.num_class_images``, the missing ones are generated from ``objective.class_prompt``
+``objective.prior.class_data_dir`` holds the class images; when it has fewer than
+``objective.prior.num_class_images``, the missing ones are generated from ``objective.prior.class_prompt``
 by the base model (the denoiser and its helpers as loaded, before any training step), as the
 script does with the base pipeline, and saved there for the next run. Each training step pairs
 the instance batch with as many class images (taken in turn), captioned with the class prompt.
@@ -50,12 +50,24 @@ def ensure_class_images(folder: str | Path, count: int, generate: Callable[[int]
     return files[:count]
 
 
+def load_class_images(folder: str, count: int, image_size: int,
+                      generate: Callable[[int], torch.Tensor]) -> "ClassImages":
+    """The class images, generated first (rank zero; the others wait) where fewer than ``count`` exist."""
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        ensure_class_images(folder, count, generate)
+    if distributed:
+        dist.barrier()
+    return ClassImages(class_image_files(Path(folder).expanduser())[:count], image_size)
+
+
 class ClassImages:
     """The class images as training tensors in ``[-1, 1]``, served in turn, ``n`` at a time."""
 
     def __init__(self, files: list[Path], image_size: int) -> None:
         if not files:
-            raise ModalforgeError("objective.class_data_dir holds no images and objective.num_class_images is 0")
+            raise ModalforgeError("objective.prior.class_data_dir holds no images and objective.prior.num_class_images is 0")
         items = [Item(ImageRef(path=str(f)), None, None) for f in files]
         self.images = ImageItems(items, build_transform(image_size, False), {})
         self.position = 0

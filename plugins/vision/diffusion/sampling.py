@@ -26,7 +26,7 @@ def build_noise_scheduler(prediction: str, *, num_train_timesteps: int = 1000, b
     """The training schedule: ``DDPMScheduler`` (epsilon / v / sample) or ``FlowMatchEulerDiscreteScheduler`` (flow).
 
     A pretrained pipeline's scheduler config is reused; a prediction type that its scheduler
-    family does not support is refused, naming ``objective.prediction`` and the scheduler.
+    family does not support is refused, naming ``objective.schedule.prediction_type`` and the scheduler.
     """
     import diffusers
 
@@ -35,14 +35,13 @@ def build_noise_scheduler(prediction: str, *, num_train_timesteps: int = 1000, b
         is_flow = source in FLOW_CLASSES
         if is_flow != (prediction == "flow"):
             supported = "flow" if is_flow else ", ".join(DDPM_PREDICTIONS)
-            raise ModalforgeError(f"objective.prediction={prediction} is not supported by the pretrained pipeline's "
+            raise ModalforgeError(f"objective.schedule.prediction_type={prediction} is not supported by the pretrained "
+                                  "pipeline's "
                                   f"scheduler {source} (it supports: {supported})")
     if prediction == "flow":
         if pretrained:
             return diffusers.FlowMatchEulerDiscreteScheduler.from_config(pretrained)
         return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=flow_shift)
-    if prediction not in DDPM_PREDICTIONS:
-        raise ModalforgeError(f"objective.prediction={prediction!r} is not one of: {', '.join(DDPM_PREDICTIONS)}, flow")
     if pretrained:
         return diffusers.DDPMScheduler.from_config(pretrained, prediction_type=prediction)
     return diffusers.DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
@@ -50,17 +49,16 @@ def build_noise_scheduler(prediction: str, *, num_train_timesteps: int = 1000, b
 
 
 def build_sampler(name: Sampler, noise_scheduler: Any, prediction: str) -> Any:
-    """The inference scheduler named by ``objective.sampler`` (``auto``: DDIM, or Euler for flow)."""
+    """The inference scheduler named by ``objective.evaluation.sampler`` (``auto``: DDIM, or Euler for flow)."""
     import diffusers
 
     if prediction == "flow":
         if name not in ("auto", "euler"):
-            raise ModalforgeError(f"objective.sampler={name} does not support objective.prediction=flow; "
-                                  "use sampler=euler (FlowMatchEulerDiscreteScheduler) or auto")
+            raise ModalforgeError(f"objective.evaluation.sampler={name} does not support "
+                                  "objective.schedule.prediction_type=flow; use sampler=euler "
+                                  "(FlowMatchEulerDiscreteScheduler) or auto")
         return diffusers.FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
     name = "ddim" if name == "auto" else name
-    if name not in SAMPLER_CLASSES:
-        raise ModalforgeError(f"objective.sampler={name!r} is not one of: auto, {', '.join(SAMPLER_CLASSES)}")
     cls = getattr(diffusers, SAMPLER_CLASSES[name])
     return cls.from_config(noise_scheduler.config, prediction_type=prediction)
 
