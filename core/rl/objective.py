@@ -18,6 +18,8 @@ critic and GAE.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
 import math
 import time
@@ -38,6 +40,8 @@ from modalforge.text.stops import set_generation_stops, stop_token_ids
 log = logging.getLogger(__name__)
 
 ReferenceMode = Literal["auto", "copy", "adapter", "none"]
+#: the core's episode options, which every RolloutObjective subclass accepts (``__init_subclass__``)
+EPISODE_OPTIONS = ("environment", "max_turns", "max_episode_tokens")
 
 
 class RolloutObjective(ModelObjective):
@@ -63,6 +67,14 @@ class RolloutObjective(ModelObjective):
             ``generate`` (TRL's ``rollout_func``): ``fn(prompts, objective) -> {"completion_ids": [[int]],
             "logprobs": [[float]] | None}``, ``num_generations`` completions per prompt in order; the prompts'
             tokens are ``objective.rollout_inputs`` (left-padded ids and mask). ``logprobs`` are the sampler's.
+        environment: multi-turn episodes (:mod:`modalforge.rl.episodes`): a built-in (``calculator``, ``python``,
+            ``guess_number``), ``pkg.module:factory`` or ``file.py:factory`` making a
+            :class:`~modalforge.rl.environment.Environment` per episode, or ``{environment: <spec>, **kwargs}``.
+            Every subclass accepts it (and the two below) without naming them: see ``__init_subclass__``.
+        max_turns: assistant turns per episode at most (``None``: the environment's ``max_turns``).
+        max_episode_tokens: tokens of an episode after its prompt at most, the environment's included
+            (``None``: ``max_turns`` (or 4) x (``max_completion_length`` + 32), at most the context left after
+            ``data.max_prompt_length``); ``max_completion_length`` caps each turn.
     """
 
     #: completions per prompt a paradigm needs at least (a group-relative baseline needs two)
@@ -75,7 +87,9 @@ class RolloutObjective(ModelObjective):
                  reference: ReferenceMode = "auto", num_iterations: int = 1, steps_per_generation: int = 1,
                  mask_truncated_completions: bool = False, max_completion_length: int = 8,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 generation_batch_size: int | None = None, seed: int = 0, rollout_func: str | None = None) -> None:
+                 generation_batch_size: int | None = None, seed: int = 0, rollout_func: str | None = None,
+                 environment: Any = None, max_turns: int | None = None,
+                 max_episode_tokens: int | None = None) -> None:
         super().__init__(model)
         if reference not in ("auto", "copy", "adapter", "none"):
             raise ModalforgeError(f"objective.reference={reference!r} is not one of: auto, copy, adapter, none")
@@ -114,6 +128,48 @@ class RolloutObjective(ModelObjective):
         self._prompt_order: tuple[int, list[int]] | None = None
         self._update_started: float | None = None
         self._last_update_time: float | None = None
+        self.set_environment(environment, max_turns, max_episode_tokens)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A paradigm's ``__init__`` accepts ``environment``, ``max_turns`` and ``max_episode_tokens`` without
+        listing them: they are the core's episode options, set after the paradigm's own ``__init__``."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or "environment" in inspect.signature(init).parameters:
+            return
+
+        @functools.wraps(init)
+        def __init__(self: RolloutObjective, *args: Any, environment: Any = None, max_turns: int | None = None,
+                     max_episode_tokens: int | None = None, **options: Any) -> None:
+            init(self, *args, **options)
+            self.set_environment(environment, max_turns, max_episode_tokens)
+
+        # the signature the config checks bind to (and help shows): the paradigm's, plus the episode options
+        signature = inspect.signature(init)
+        own = inspect.signature(RolloutObjective.__init__).parameters
+        extra = [own[name].replace(kind=inspect.Parameter.KEYWORD_ONLY) for name in EPISODE_OPTIONS]
+        params = list(signature.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        __init__.__signature__ = signature.replace(parameters=params[:at] + extra + params[at:])  # type: ignore
+        __init__.__annotations__ = {**getattr(init, "__annotations__", {}),
+                                    **{n: RolloutObjective.__init__.__annotations__[n] for n in EPISODE_OPTIONS}}
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+    def set_environment(self, environment: Any, max_turns: int | None = None,
+                        max_episode_tokens: int | None = None) -> None:
+        """Roll out multi-turn episodes in ``environment`` (a spec, see the class; ``None``: one-turn completions)."""
+        from modalforge.rl.environment import load_environment
+
+        if environment is not None and self.rollout_func is not None:
+            raise ModalforgeError("objective.environment and objective.rollout_func both sample the rollouts: set one")
+        if max_turns is not None and max_turns < 1:
+            raise ModalforgeError(f"objective.max_turns={max_turns} must be >= 1")
+        self.environment_spec = environment
+        self.environment = load_environment(environment) if environment is not None else None
+        self.max_turns = max_turns
+        self._default_budget = max_episode_tokens is None  # then capped by the model's context (check_budget)
+        self.max_episode_tokens = int(max_episode_tokens) if max_episode_tokens is not None else \
+            (max_turns or 4) * (self.max_completion_length + 32)
 
     @property
     def steps_per_rollout(self) -> int:
@@ -150,6 +206,10 @@ class RolloutObjective(ModelObjective):
     def _check_context(self, module: nn.Module) -> None:
         context = getattr(getattr(module, "config", None), "max_position_embeddings", None)
         prompt = getattr(self.datamodule, "max_prompt_length", 0) if self.datamodule is not None else 0
+        if self.environment is not None:
+            from modalforge.rl.episodes import check_budget
+
+            return check_budget(self, module)
         if context and prompt + self.max_completion_length > context:
             raise ModalforgeError(f"data.max_prompt_length={prompt} + objective.max_completion_length="
                                   f"{self.max_completion_length} exceeds the model's context of {context} tokens")
@@ -300,6 +360,10 @@ class RolloutObjective(ModelObjective):
         sampling_logps = None
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed * 1_000_003 + self._rollouts + 1_000_000_007 * draw)
+            if self.environment is not None:  # multi-turn episodes: modalforge.rl.episodes
+                from modalforge.rl.episodes import sample_episodes
+
+                return sample_episodes(self, batch)
             if self.rollout_func is not None:
                 completion, sampling_logps = self._from_rollout_func(batch)
                 attention, truncated = self._stops(completion)
@@ -365,13 +429,24 @@ class RolloutObjective(ModelObjective):
 
     @torch.no_grad()
     def _greedy(self, batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+        if self.environment is not None:
+            from modalforge.rl.episodes import greedy_episodes
+
+            per_reward, _, texts, _ = greedy_episodes(self, batch)
+            return per_reward, texts
         completion, attention, _, _ = self._generate(batch["input_ids"], batch["attention_mask"], 1, greedy=True)
         return self._score(batch, completion, attention, 1)
 
     def validation_step(self, batch: dict[str, Any]) -> StepOutput:
-        per_reward, _ = self._greedy(batch)
-        total = combine(per_reward, self.rewards)
-        metrics: dict[str, Any] = {"reward": total.nanmean()}
+        extra: dict[str, float] = {}
+        if self.environment is not None:  # greedy episodes; the environment's rewards are in the total
+            from modalforge.rl.episodes import greedy_episodes
+
+            per_reward, total, _, extra = greedy_episodes(self, batch)
+        else:
+            per_reward, _ = self._greedy(batch)
+            total = combine(per_reward, self.rewards)
+        metrics: dict[str, Any] = {"reward": total.nanmean(), **extra}
         for k, reward in enumerate(self.rewards):
             metrics[f"reward/{reward.name}"] = per_reward[:, k].nanmean()
         return StepOutput(loss=None, metrics=metrics, batch_size=len(total))

@@ -1,0 +1,1 @@
+"""Shipped environments for ``objective.environment``: ``calculator``, ``python``, ``guess_number``."""
