@@ -20,6 +20,7 @@ import logging
 
 from typing import Any, Iterable, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -34,6 +35,8 @@ from modalforge.text.formats import Message, as_messages, check_messages, record
 from modalforge.text.mapping import check_mapping, map_record, mapping_for
 from modalforge.text.preferences import RankedPairs, preference_pairs
 from modalforge.text.synthetic import write_alignment_sets
+from modalforge.text.token_cache import Ragged, cache_folder, cached, code_digest, items_digest, ragged, \
+    tokenizer_digest
 from modalforge.text.tokenize import tokenize_completion, tokenize_prompt
 from modalforge.text.tokenizer import build_tokenizer
 
@@ -114,6 +117,11 @@ def collate_kto(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
             "index": torch.tensor([it["index"] for it in items])}
 
 
+def _warn_dropped(count: int, max_length: int, first: str) -> None:
+    log.warning("%d example(s) longer than data.max_length=%d dropped (data.too_long=drop), first: %s",
+                count, max_length, first)
+
+
 class PreferenceDataModule(SourcedDataModule):
     """Preference data: what dpo and reward_model train on (each subclasses it for its name and defaults).
 
@@ -136,6 +144,8 @@ class PreferenceDataModule(SourcedDataModule):
         truncation_mode: TRL's: ``keep_start`` cuts the end of the completion (then of the prompt),
             ``keep_end`` cuts the start of the prompt (then of the completion).
         tokenizer / vocab_size: tokenizer to load, or size of the BPE trained on the data when ``None``.
+        token_cache: where the tokenised examples are kept so that a second start skips tokenising:
+            ``auto`` (``<cache_dir>/tokenized``), ``off``, or a folder (:mod:`modalforge.text.token_cache`).
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
@@ -145,7 +155,8 @@ class PreferenceDataModule(SourcedDataModule):
                  truncation_mode: Literal["keep_start", "keep_end"] = "keep_start", tokenizer: str | None = None,
                  vocab_size: int = 512, batch_size: int = 16, num_workers: Workers = "auto", val_fraction: float = 0.05,
                  cache_dir: str | None = None, seed: int = 0, columns: dict[str, str] | None = None,
-                 roles: dict[str, str] | None = None, ranked_pairs: RankedPairs = "best_worst") -> None:
+                 roles: dict[str, str] | None = None, ranked_pairs: RankedPairs = "best_worst",
+                 token_cache: str | bool = "auto") -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
         if kind not in ("pairs", "kto"):
@@ -157,6 +168,8 @@ class PreferenceDataModule(SourcedDataModule):
             raise DataError(f"data.ranked_pairs={ranked_pairs!r} is not one of: best_worst, all")
         self.columns, self.roles = check_mapping(columns, roles)
         self.ranked_pairs: RankedPairs = ranked_pairs
+        self.token_cache = token_cache
+        self.token_cache_entries: dict[str, Any] = {}  # what -> (entry folder or None, read from it?, examples)
         self._reference: dict[str, Preferences] = {}
 
     source_options = ("columns", "roles")
@@ -220,8 +233,48 @@ class PreferenceDataModule(SourcedDataModule):
             row["uid"] = uid
 
     def build(self, items: list[dict[str, Any]], what: str) -> Preferences:
+        keys = ("prompt", "chosen", "rejected") if self.kind == "pairs" else ("prompt", "completion")
+        key = {"items": items_digest(items, lambda row: [row.get(k) for k in (*keys, "label", "tools", "where", "uid")]),
+               "tokenizer": tokenizer_digest(self.processor),
+               "options": {"kind": self.kind, "max_length": self.max_length, "too_long": self.too_long,
+                           "truncation_mode": self.truncation_mode, "chat_template": self.chat_template,
+                           "columns": self.columns, "roles": self.roles, "ranked_pairs": self.ranked_pairs},
+               "code": code_digest(__name__, "modalforge.text.tokenize", "modalforge.text.spans",
+                                   "modalforge.text.preferences", "modalforge.text.formats",
+                                   "modalforge.text.templates")}
+        (arrays, meta), hit, entry = cached(f"{self.kind}-{what}", cache_folder(self.token_cache, self.cache_dir), key,
+                                            lambda: self._encode(items, what, keys))
+        self.token_cache_entries[what] = (entry, hit, int(len(arrays["uid"])))
+        if hit:
+            if items:  # the template's generation-prompt check, which tokenising the prompts would have made
+                tokenize_prompt(self.processor, items[0]["prompt"], tools=items[0].get("tools"),
+                                where=items[0]["where"])
+            if meta["dropped"]:
+                _warn_dropped(meta["dropped"], self.max_length, meta["first_dropped"])
+            log.info("%s: %d examples read from the token cache %s", what, len(arrays["uid"]), entry)
+        columns = {k: Ragged(arrays[k], arrays[f"{k}_offsets"]) for k in keys}
+        uids, labels = arrays["uid"].tolist(), arrays["label"].tolist() if "label" in arrays else None
+        out = []
+        for i, uid in enumerate(uids):
+            item: dict[str, Any] = {k: columns[k][i] for k in keys}
+            item["uid"] = uid
+            if labels is not None:
+                item["label"] = bool(labels[i])
+            out.append(item)
+        return Preferences(out)
+
+    def _encode(self, items: list[dict[str, Any]], what: str,
+                keys: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Tokenise: the arrays and meta of a token cache entry."""
         with preparing(f"{what}: tokenising", total=len(items), unit="example") as progress:
-            return Preferences(self._tokenize(progress.track(items)))
+            rows = self._tokenize(progress.track(items))
+        arrays: dict[str, np.ndarray] = {"uid": np.array([r["uid"] for r in rows], dtype=np.int64)}
+        for k in keys:
+            arrays[k], arrays[f"{k}_offsets"] = ragged([r[k] for r in rows])
+        if self.kind == "kto":
+            arrays["label"] = np.array([bool(r["label"]) for r in rows], dtype=np.bool_)
+        dropped = getattr(self, "_dropped", [])
+        return arrays, {"examples": len(rows), "dropped": len(dropped), "first_dropped": dropped[0] if dropped else None}
 
     def _tokenize(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         items, dropped = [], []
@@ -248,9 +301,9 @@ class PreferenceDataModule(SourcedDataModule):
             if self.kind == "kto":
                 item["label"] = row["label"]
             items.append(item)
+        self._dropped = dropped
         if dropped:
-            log.warning("%d example(s) longer than data.max_length=%d dropped (data.too_long=drop), first: %s",
-                        len(dropped), self.max_length, dropped[0])
+            _warn_dropped(len(dropped), self.max_length, dropped[0])
         if not items:
             raise DataError(f"no example fits data.max_length={self.max_length}")
         return items

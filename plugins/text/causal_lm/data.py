@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -30,6 +31,7 @@ from modalforge.data.mixture import MixedStream
 from modalforge.data.readers import Record, read_records, require_fields
 from modalforge.data.tokenizers import cached_bpe, load_tokenizer
 from modalforge.progress import preparing
+from modalforge.text.token_cache import cache_folder, cached, code_digest, items_digest, tokenizer_digest
 from modalforge.plugins.text.causal_lm.streaming import PackedShardStream
 from modalforge.plugins.text.causal_lm.synthetic import write_corpus
 
@@ -80,6 +82,8 @@ class CausalLMDataModule(SourcedDataModule):
             is then trained on the validation documents).
         shuffle_buffer: streaming shuffle buffer size.
         cache_dir: where the synthetic corpus and trained tokenizers are kept.
+        token_cache: where the tokenised blocks are kept so that a second start skips tokenising: ``auto``
+            (``<cache_dir>/tokenized``), ``off``, or a folder (:mod:`modalforge.text.token_cache`).
         seed: shuffling seed.
     """
 
@@ -87,7 +91,7 @@ class CausalLMDataModule(SourcedDataModule):
                  txt_mode: Literal["file", "line"] = "file", block_size: int = 128, batch_size: int = 8,
                  num_workers: Workers = "auto", tokenizer: str | None = None, vocab_size: int = 512,
                  cache_dir: str | None = None, seed: int = 0, streaming: bool = False,
-                 shuffle_buffer: int = 1000) -> None:
+                 shuffle_buffer: int = 1000, token_cache: str | bool = "auto") -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
         if block_size < 2:
@@ -96,6 +100,8 @@ class CausalLMDataModule(SourcedDataModule):
         self.block_size = block_size
         self.tokenizer_name, self.vocab_size = tokenizer, vocab_size
         self.streaming, self.shuffle_buffer = streaming, shuffle_buffer
+        self.token_cache = token_cache
+        self.token_cache_entries: dict[str, Any] = {}  # what -> (entry folder or None, read from it?, examples)
         if streaming and (train is None or val is None):
             raise DataError("data.streaming=true needs data.train (shards) and data.val: a stream cannot be split")
 
@@ -155,6 +161,16 @@ class CausalLMDataModule(SourcedDataModule):
         self.val_items = {name: val_texts}
 
     def _blocks(self, texts: list[str], what: str) -> BlockDataset:
+        key = {"items": items_digest(texts), "tokenizer": tokenizer_digest(self.processor),
+               "options": {"block_size": self.block_size}, "code": code_digest(__name__)}
+        (arrays, meta), hit, entry = cached(f"causal_lm-{what}", cache_folder(self.token_cache, self.cache_dir), key,
+                                            lambda: self._tokenize_blocks(texts, what))
+        self.token_cache_entries[what] = (entry, hit, int(arrays["blocks"].shape[0]))
+        if hit:
+            log.info("%s: %s, read from the token cache %s", what, meta["summary"], entry)
+        return BlockDataset(torch.from_numpy(np.array(arrays["blocks"], dtype=np.int64)))
+
+    def _tokenize_blocks(self, texts: list[str], what: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         tokenizer = self.processor
         ids: list[list[int]] = []
         with preparing(f"{what}: tokenising", total=len(texts), unit="document") as progress:
@@ -170,7 +186,9 @@ class CausalLMDataModule(SourcedDataModule):
                                 f"data.block_size={self.block_size}; add data or lower data.block_size")
             progress.summary = (f"{len(texts)} documents -> {blocks.shape[0]} blocks of {self.block_size} tokens "
                                 f"({long_docs} documents span several blocks, {dropped} tail tokens dropped)")
-        return BlockDataset(blocks)
+        small = blocks.numel() == 0 or int(blocks.max()) <= np.iinfo(np.int32).max
+        return ({"blocks": blocks.numpy().astype(np.int32 if small else np.int64)},
+                {"examples": int(blocks.shape[0]), "summary": progress.summary})
 
     # ---- loaders ----------------------------------------------------------------------
     def train_dataloader(self) -> ResumableDataLoader | DataLoader:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
 
 import torch
 from torch.utils.data import Dataset
@@ -38,6 +40,8 @@ from modalforge.text.mapping import check_mapping, map_record, mapping_for
 from modalforge.text.oasst import join_rows, tree_paths
 from modalforge.text.packing import collate_rows, pack_first_fit
 from modalforge.text.synthetic import write_alignment_sets
+from modalforge.text.token_cache import Ragged, cache_folder, cached, code_digest, items_digest, ragged, \
+    tokenizer_digest
 from modalforge.text.tokenize import IGNORE, Tokenized, tokenize_conversation
 from modalforge.text.tokenizer import build_tokenizer
 
@@ -50,7 +54,7 @@ Item = tuple[list[Message] | Tokenized, str, list[dict[str, Any]] | None, list[b
 class Rows(Dataset):
     """Rows of one (unpacked) or several (packed) tokenised examples."""
 
-    def __init__(self, rows: list[list[Tokenized]]) -> None:
+    def __init__(self, rows: Sequence[list[Tokenized]]) -> None:
         self.rows = rows
 
     def __len__(self) -> int:
@@ -97,6 +101,9 @@ class SFTDataModule(SourcedDataModule):
             restart per example, so flash-attention varlen kernels, sdpa and eager all separate them)
             or ``dense`` (a block-diagonal L x L boolean mask per row; exact with sdpa only).
         tokenizer / vocab_size: tokenizer to load, or size of the BPE trained on the data when ``None``.
+        token_cache: where the tokenised (and packed) examples are kept so that a second start skips
+            tokenising: ``auto`` (``<cache_dir>/tokenized``), ``off``, or a folder
+            (:mod:`modalforge.text.token_cache`; ``modalforge preprocess`` fills it ahead of time).
         batch_size, num_workers, val_fraction, cache_dir, seed: as usual.
     """
 
@@ -110,7 +117,7 @@ class SFTDataModule(SourcedDataModule):
                  tokenizer: str | None = None, vocab_size: int = 512, batch_size: int = 16,
                  num_workers: Workers = "auto", val_fraction: float = 0.05, cache_dir: str | None = None,
                  seed: int = 0, columns: dict[str, str] | None = None, roles: dict[str, str] | None = None,
-                 oasst_paths: Literal["best", "all"] = "best") -> None:
+                 oasst_paths: Literal["best", "all"] = "best", token_cache: str | bool = "auto") -> None:
         super().__init__(train, val, batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction,
                          cache_dir=cache_dir, seed=seed)
         if train_on not in ("assistant", "all"):
@@ -126,6 +133,8 @@ class SFTDataModule(SourcedDataModule):
             raise DataError(f"data.oasst_paths={oasst_paths!r} is not one of: best, all")
         self.columns, self.roles = check_mapping(columns, roles)
         self.oasst_paths = oasst_paths
+        self.token_cache = token_cache
+        self.token_cache_entries: dict[str, Any] = {}  # what -> (entry folder or None, read from it?, examples)
         self.stats: dict[str, float] = {}
 
     source_options = ("columns", "roles")
@@ -202,26 +211,59 @@ class SFTDataModule(SourcedDataModule):
                 dropped.append(where)
                 continue
             examples.append(example)
+        self._dropped = dropped
         if dropped:
-            log.warning("%s: %d example(s) dropped (too long, or nothing left to learn), first: %s", what,
-                        len(dropped), dropped[0])
+            _warn_dropped(what, len(dropped), dropped[0])
         if not examples:
             raise DataError(f"{what}: no example left to train on")
         return examples
 
     def build(self, items: list[Item], what: str) -> Rows:
+        key = {"items": items_digest(items, _item_encode), "tokenizer": tokenizer_digest(self.processor),
+               "options": {"train_on": self.train_on, "max_length": self.max_length, "too_long": self.too_long,
+                           "packing": self.packing, "chat_template": self.chat_template,
+                           "system_prompt": self.system_prompt, "format": self.format, "columns": self.columns,
+                           "roles": self.roles, "oasst_paths": self.oasst_paths},
+               "code": code_digest(__name__, "modalforge.text.tokenize", "modalforge.text.spans",
+                                   "modalforge.text.packing", "modalforge.text.formats", "modalforge.text.templates")}
+        (arrays, meta), hit, entry = cached(f"sft-{what}", cache_folder(self.token_cache, self.cache_dir), key,
+                                            lambda: self._encode(items, what))
+        self.token_cache_entries[what] = (entry, hit, int(meta["examples"]))
+        if hit and meta["dropped"]:
+            _warn_dropped(what, meta["dropped"], meta["first_dropped"])
+        offsets = arrays["offsets"]
+        examples = _Examples(Ragged(arrays["input_ids"], offsets), Ragged(arrays["labels"], offsets))
+        lengths = examples.input_ids.lengths()
+        packed = _PackedRows(examples, arrays["order"], arrays["row_offsets"])
+        if what.startswith("data.train"):
+            row_lengths = np.add.reduceat(lengths[arrays["order"]], arrays["row_offsets"][:-1]) if len(packed) else []
+            self.stats = {"padding_share_unpacked": padding_share(lengths.tolist(), self.batch_size),
+                          "padding_share_packed": padding_share(list(row_lengths), self.batch_size)}
+        if hit:
+            log.info("sft %s: %d examples -> %d packed rows, read from the token cache %s", what, len(examples),
+                     len(packed), entry)
+        return Rows(packed if self.packing else _SingleRows(examples))
+
+    def _encode(self, items: list[Item], what: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Tokenise and pack: the arrays and meta of a token cache entry."""
         with preparing(f"sft {what}: tokenising", total=len(items), unit="conversation") as progress:
             examples = self._tokenize(progress.track(items), what)
-            packed = pack_first_fit(examples, self.max_length)
+            packed = pack_first_fit([_Index(i, len(e)) for i, e in enumerate(examples)], self.max_length)
             progress.summary = f"{len(examples)} examples -> {len(packed)} packed rows"
             if what.startswith("data.train"):
-                self.stats = {
-                    "padding_share_unpacked": padding_share([len(e) for e in examples], self.batch_size),
-                    "padding_share_packed": padding_share([sum(len(e) for e in r) for r in packed], self.batch_size),
-                }
-                progress.summary += (f"; padding share {100 * self.stats['padding_share_packed']:.1f}% packed vs "
-                                     f"{100 * self.stats['padding_share_unpacked']:.1f}% unpacked")
-        return Rows(packed if self.packing else [[e] for e in examples])
+                lengths = [len(e) for e in examples]
+                unpacked = padding_share(lengths, self.batch_size)
+                share = padding_share([sum(len(e) for e in r) for r in packed], self.batch_size)
+                progress.summary += f"; padding share {100 * share:.1f}% packed vs {100 * unpacked:.1f}% unpacked"
+        ids, offsets = ragged([e.input_ids for e in examples])
+        labels, _ = ragged([e.labels for e in examples])
+        order = np.array([e.index for row in packed for e in row], dtype=np.int64)
+        row_offsets = np.zeros(len(packed) + 1, dtype=np.int64)
+        np.cumsum([len(row) for row in packed], out=row_offsets[1:])
+        dropped = getattr(self, "_dropped", [])
+        return ({"input_ids": ids, "labels": labels, "offsets": offsets, "order": order, "row_offsets": row_offsets},
+                {"examples": len(examples), "rows": len(packed), "dropped": len(dropped),
+                 "first_dropped": dropped[0] if dropped else None})
 
     def collate(self, rows: list[list[Tokenized]]) -> dict[str, torch.Tensor]:
         return collate_rows(rows, self.processor.pad_token_id, self.packing, attention=self.packing_attention)
@@ -235,6 +277,82 @@ class SFTDataModule(SourcedDataModule):
 
     def sample_inputs(self, n: int) -> list[list[Message]]:
         return [split_prompt(m)[0] for m, *_ in self.first_val_items() if not isinstance(m, Tokenized)][:n]
+
+
+def _warn_dropped(what: str, count: int, first: str) -> None:
+    log.warning("%s: %d example(s) dropped (too long, or nothing left to learn), first: %s", what, count, first)
+
+
+class _Index:
+    """An example's place and length, packed in its stead (the token cache keeps the row layout as indices)."""
+
+    __slots__ = ("index", "length")
+
+    def __init__(self, index: int, length: int) -> None:
+        self.index, self.length = index, length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _View(Sequence):
+    """A read-only list over a token cache entry's arrays: an index (negative too) or a slice."""
+
+    def _get(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._get(i) for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self._get(int(index) % len(self))
+
+
+class _Examples(_View):
+    """Tokenised examples, each read when asked for."""
+
+    def __init__(self, input_ids: Ragged, labels: Ragged) -> None:
+        self.input_ids, self.labels = input_ids, labels
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def _get(self, index: int) -> Tokenized:
+        return Tokenized(self.input_ids[index], self.labels[index])
+
+
+class _PackedRows(_View):
+    """Packed rows: row ``r`` holds the examples ``order[row_offsets[r]:row_offsets[r + 1]]``."""
+
+    def __init__(self, examples: _Examples, order: np.ndarray, row_offsets: np.ndarray) -> None:
+        self.examples, self.order, self.row_offsets = examples, order, row_offsets
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def _get(self, index: int) -> list[Tokenized]:
+        return [self.examples[int(i)] for i in self.order[self.row_offsets[index]: self.row_offsets[index + 1]]]
+
+
+class _SingleRows(_View):
+    """One example per row (``data.packing=false``), in the order they were read."""
+
+    def __init__(self, examples: _Examples) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _get(self, index: int) -> list[Tokenized]:
+        return [self.examples[index]]
+
+
+def _item_encode(item: Item) -> list[Any]:
+    """An item for the token cache's key: its messages (or tokens), where it was read, tools and train flags."""
+    content, where, tools, learn = item
+    body = [content.input_ids, content.labels] if isinstance(content, Tokenized) else content
+    return [body, where, tools, learn]
 
 
 def _item_key(item: Item) -> str:
