@@ -209,3 +209,9 @@ def test_option_groups_are_checked_by_the_core_signature_check():
     with pytest.raises(ConfigError, match=r"must be in \(0, 1\)"):
         DiffusionObjective(ema={"decay": 1.5})
     assert DiffusionObjective(ema=EMAOptions(decay=0.9)).ema_options.decay == 0.9
+    # from the command line: an added key is refused when the run builds its parts, before any data is read
+    from modalforge.run import build_components
+
+    with pytest.raises(ConfigError, match=r"did you mean 'sample_steps'") as err:
+        build_components(compose(["plugin=diffusion", "+objective.evaluation.sample_step=2"]))
+    assert err.value.where == "objective.evaluation.sample_step" and "samples_per_class" in err.value.hint
