@@ -207,3 +207,33 @@ def test_a_file_environment_runs_and_resumes_mid_rollout_exactly(tmp_path):
     for (name, x), (_, y) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         if isinstance(x, torch.Tensor):
             torch.testing.assert_close(x, y, msg=name)
+
+
+def test_the_readme_tool_environment_works_as_written(tmp_path):
+    from pathlib import Path
+
+    from modalforge.rl.environment import load_environment
+
+    readme = (Path(__file__).parents[1] / "plugins" / "text" / "grpo" / "README.md").read_text()
+    code = readme.split("```python\n# my_tools.py\n", 1)[1].split("```", 1)[0]
+    assert len(code.splitlines()) < 40
+    (tmp_path / "my_tools.py").write_text(code)
+    env = load_environment(f"{tmp_path / 'my_tools.py'}:environment")()
+    _, calls, _ = parse_tool_calls('<tool_call>{"name": "multiply", "arguments": {"a": 6, "b": 7}}</tool_call>')
+    observations, _, done = env.step({"role": "assistant", "content": "", "tool_calls": calls})
+    assert observations[0]["content"] == "42" and not done
+    assert env.tools[0]["function"]["parameters"]["properties"]["a"]["type"] == "number"
+
+
+def test_tool_demonstrations_render_as_parsable_calls():
+    from modalforge.rl.envs.calculator import tool_conversations
+    from modalforge.rl.prompts import arithmetic_tokenizer
+    from modalforge.text.tokenize import render
+
+    tokenizer = arithmetic_tokenizer(None)
+    conversations = tool_conversations(None, tool_share=0.5, label_noise=0.6, seed=0)
+    with_tool = next(c for c in conversations if len(c) == 4)
+    text = render(tokenizer, with_tool[:2]).split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    _, calls, errors = parse_tool_calls(text)
+    assert not errors and calls == with_tool[1]["tool_calls"]
+    assert 0.4 < sum(len(c) == 4 for c in conversations) / len(conversations) < 0.6

@@ -65,3 +65,83 @@ class CalculatorEnvironment(ToolEnvironment):
 
     def __init__(self, max_turns: int = 3, call_reward: float = 0.0) -> None:
         super().__init__([calculator], max_turns=max_turns, call_reward=call_reward)
+
+
+# ---- a tool-using warm start for the demo --------------------------------------------------------------------
+def tool_conversations(cache_dir: str | None, tool_share: float, label_noise: float, seed: int) -> list[list[dict]]:
+    """The arithmetic demo's conversations: a ``tool_share`` of them call the calculator on the question and copy its
+    result; the others answer directly, a ``label_noise`` share of those off by one (the warm start's noise)."""
+    import random
+
+    from modalforge.rl.prompts import arithmetic_conversations
+
+    rng = random.Random(seed)
+    out = []
+    for (user, answer) in arithmetic_conversations(cache_dir):
+        expression = user["content"].removeprefix("What is ").removesuffix("?")
+        if rng.random() < tool_share:
+            call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+            out.append([user, {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "name": "calculator", "content": calculator(expression)},
+                        {"role": "assistant", "content": answer["content"]}])
+        else:
+            wrong = rng.random() < label_noise
+            out.append([user, {"role": "assistant", "content": str(int(answer["content"]) + wrong)}])
+    return out
+
+
+def build_tool_policy(config: dict, sft_steps: int = 400, sft_lr: float = 3e-3, sft_batch_size: int = 64,
+                      vocab_size: int = 512, cache_dir: str | None = None, seed: int = 0, tool_share: float = 0.3,
+                      sft_label_noise: float = 0.6):  # noqa: ANN201 - a transformers model
+    """Model builder (``model=grpo/calculator_sft``): the tiny arithmetic policy SFT'd on demonstrations of which a
+    ``tool_share`` call the calculator (:func:`tool_conversations`); built once and cached like the offline default
+    (:mod:`modalforge.rl.warmstart`, whose loop it reuses). RL with ``objective.environment=calculator`` can then
+    learn to call the tool more often, since its answers are right."""
+    import hashlib
+    import json
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from modalforge.data.cache import cache_root, ensure_built
+    from modalforge.rl.prompts import arithmetic_tokenizer
+    from modalforge.rl.warmstart import _batches
+    from modalforge.text.models import build_causal_lm
+    from modalforge.text.tokenize import tokenize_conversation
+    from modalforge.torch_modes import plain_torch
+
+    settings = json.dumps({"config": dict(config), "steps": sft_steps, "lr": sft_lr, "batch": sft_batch_size,
+                           "vocab": vocab_size, "seed": seed, "tool_share": tool_share, "noise": sft_label_noise,
+                           "v": 1}, sort_keys=True)
+    folder = cache_root(cache_dir) / "rl" / f"calculator-policy-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
+
+    def build(tmp) -> None:  # noqa: ANN001 - a Path
+        tokenizer = arithmetic_tokenizer(cache_dir, vocab_size)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = build_causal_lm(config=dict(config), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+            examples = []
+            for messages in tool_conversations(cache_dir, tool_share, sft_label_noise, seed):
+                tok = tokenize_conversation(tokenizer, messages)
+                examples.append((tok.input_ids, tok.labels))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=sft_lr, weight_decay=0.0)
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / sft_steps))
+            batches = _batches(examples, sft_batch_size, tokenizer.pad_token_id, random.Random(seed))
+            model.train()
+            for _ in range(sft_steps):
+                ids, mask, labels = next(batches)
+                model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+        model.save_pretrained(str(tmp), is_main_process=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    if not folder.exists():
+        with plain_torch():
+            ensure_built(folder, build)
+    return AutoModelForCausalLM.from_pretrained(str(folder))
