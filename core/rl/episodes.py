@@ -118,16 +118,29 @@ def run_episodes(objective: Any, batch: dict[str, Any], copies: int, greedy: boo
     was_training = objective.model.training
     objective.model.eval()
     try:
-        while active := [e for e in episodes if not e.done]:
+        # every rank makes the same number of generate calls (FSDP's forwards gather): one more round while any
+        # rank has an episode going, on a stand-in context where this one has none (its output is dropped)
+        while _anywhere(bool(active := [e for e in episodes if not e.done]), objective):
             room = [budget - len(e.ids) for e in active]
-            new = generate_turns(objective, [e.prompt_ids + e.ids for e in active],
-                                 max(1, min(objective.max_completion_length, max(room))), greedy)
+            contexts = [e.prompt_ids + e.ids for e in active] or [episodes[0].prompt_ids]
+            new = generate_turns(objective, contexts, max(1, min(objective.max_completion_length, max(room or [1]))),
+                                 greedy)
             for episode, tokens, left in zip(active, new, room):
                 _advance(objective, episode, tokens[:max(0, min(objective.max_completion_length, left))], stops,
                          tokenizer, budget)
     finally:
         objective.model.train(was_training)
     return episodes
+
+
+def _anywhere(flag: bool, objective: Any) -> bool:
+    """``flag`` on any rank (itself when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    device = next(objective.model.parameters()).device
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _advance(objective: Any, episode: Episode, tokens: list[int], stops: list[int], tokenizer: Any,
