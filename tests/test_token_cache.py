@@ -180,3 +180,74 @@ def test_preprocess_fills_the_cache_that_train_reads(tmp_path, capsys):
     assert f"data.train: {len(RECORDS)} examples written to the token cache {tmp_path / 'cache' / 'tokenized'}" in out
     main(overrides)
     assert f"data.train: {len(RECORDS)} examples already in the token cache" in capsys.readouterr().out
+
+
+def _rank(rank: int, world: int, folder: str, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+    original = sft_data.tokenize_conversation
+    sft_data.tokenize_conversation = lambda *a, **k: calls.append(1) or original(*a, **k)
+    dm = sft_data.SFTDataModule(train=f"{folder}/train.jsonl", val=f"{folder}/val.jsonl", cache_dir=f"{folder}/cache",
+                                batch_size=2)
+    dm.setup()
+    result = {"calls": len(calls), "hit": dm.token_cache_entries["data.train"][1], "tokens": tokens(dm)}
+    with open(f"{folder}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_ddp_local_rank_zero_tokenises_and_the_others_read(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    write(tmp_path / "train.jsonl", RECORDS)
+    write(tmp_path / "val.jsonl", RECORDS[:2])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (zero["calls"], zero["hit"]) == (len(RECORDS) + 2, False)
+    assert (one["calls"], one["hit"]) == (0, True)  # waited at the barrier, then read rank zero's entry
+    assert one["tokens"] == zero["tokens"]
+
+
+def test_an_unreadable_entry_is_built_again(tmp_path):
+    build = lambda: ({"a": np.arange(4)}, {"examples": 4})  # noqa: E731
+    _, _, entry = token_cache.cached("x", tmp_path, {"k": 2}, build)
+    (entry / "a.npy").unlink()  # removed by hand
+    (arrays, _), hit, again = token_cache.cached("x", tmp_path, {"k": 2}, build)
+    assert again == entry and not hit and arrays["a"].tolist() == [0, 1, 2, 3]
+
+
+def test_first_fit_packing_with_its_tree_equals_the_scan():
+    import random
+
+    from modalforge.text.packing import pack_first_fit
+    from modalforge.text.tokenize import Tokenized
+
+    def scan(examples, max_length):
+        rows, room = [], []
+        for example in sorted(examples, key=len, reverse=True):
+            for i, free in enumerate(room):
+                if len(example) <= free:
+                    rows[i].append(example)
+                    room[i] -= len(example)
+                    break
+            else:
+                rows.append([example])
+                room.append(max_length - len(example))
+        return rows
+
+    rng = random.Random(0)
+    for _ in range(100):
+        examples = [Tokenized([0] * n, [0] * n) for n in (rng.randint(1, 40) for _ in range(rng.randint(0, 50)))]
+        max_length = rng.randint(1, 48)
+        assert [[id(e) for e in r] for r in pack_first_fit(examples, max_length)] == \
+            [[id(e) for e in r] for r in scan(examples, max_length)]

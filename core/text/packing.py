@@ -20,18 +20,34 @@ from modalforge.text.tokenize import IGNORE, Tokenized
 
 
 def pack_first_fit(examples: Sequence[Tokenized], max_length: int) -> list[list[Tokenized]]:
-    """Groups of examples whose total length fits ``max_length`` (longest first, first fit)."""
+    """Groups of examples whose total length fits ``max_length`` (longest first, first fit).
+
+    Each example goes into the first (oldest) row with room for it, else opens a row. The row is
+    found in a max-tree of the rows' free room, in ``O(log rows)`` rather than by a scan of every
+    row (which made packing 50k examples take half a minute); the rows are the scan's."""
+    order = sorted(examples, key=len, reverse=True)
+    size = 1
+    while size < len(order):
+        size *= 2
+    room = [-1] * (2 * size)  # room[size + r]: free tokens of row r (-1: not opened); inner nodes: max of children
     rows: list[list[Tokenized]] = []
-    room: list[int] = []
-    for example in sorted(examples, key=len, reverse=True):
-        for i, free in enumerate(room):
-            if len(example) <= free:
-                rows[i].append(example)
-                room[i] -= len(example)
-                break
+    for example in order:
+        need = len(example)
+        if room[1] >= need:
+            node = 1
+            while node < size:  # descend to the leftmost row with room
+                node = 2 * node if room[2 * node] >= need else 2 * node + 1
+            rows[node - size].append(example)
+            free = room[node] - need
         else:
+            node = size + len(rows)
             rows.append([example])
-            room.append(max_length - len(example))
+            free = max_length - need
+        room[node] = free
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
     return rows
 
 

@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -167,25 +168,34 @@ def _distributed() -> tuple[bool, Any] | None:
     return (int(local) == 0 if local is not None else dist.get_rank() == 0), dist
 
 
-def _get(path: Path, build: Callable[[], Built]) -> tuple[Built, bool]:
-    """The entry at ``path`` (``hit`` True), or built, written atomically and read back."""
-    hit = (path / "meta.json").exists()
-    if not hit:
-        built: list[Built] = []
+def _get(path: Path, build: Callable[[], Built], retry: bool = True) -> tuple[Built, bool]:
+    """The entry at ``path`` (``hit`` True), or built, written atomically and read back.
 
-        def write(tmp: Path) -> None:
-            built.append(build())
-            _write(tmp, built[0])
-
+    An entry that cannot be read (files removed by hand, a folder that is no entry) is removed and built again."""
+    if path.exists():
         try:
-            ensure_built(path, write)
-        except OSError as err:  # a read-only or full disk: the run goes on, tokenised in memory
-            if built:
-                log.warning("token cache: could not write %s (%s); tokenised in memory this time", path, err)
-                return built[0], False
-            raise
-        hit = not built  # another process wrote it while this one waited for the lock
-    return _read(path), hit
+            return _read(path), True
+        except (OSError, ValueError, KeyError) as err:
+            if not retry:
+                raise
+            log.warning("token cache: %s cannot be read (%s); tokenising again", path, err)
+            shutil.rmtree(path, ignore_errors=True)
+    built: list[Built] = []
+
+    def write(tmp: Path) -> None:
+        built.append(build())
+        _write(tmp, built[0])
+
+    try:
+        ensure_built(path, write)
+    except OSError as err:  # a read-only or full disk: the run goes on, tokenised in memory
+        if built:
+            log.warning("token cache: could not write %s (%s); tokenised in memory this time", path, err)
+            return built[0], False
+        raise
+    if built:
+        return _read(path), False
+    return _get(path, build, retry=False)  # another process wrote it while this one waited for the lock
 
 
 def entry_path(folder: Path, name: str, key: str) -> Path:
