@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from modalforge.compile import compile_in_place, compile_mode
 from modalforge.interfaces import Adapter, DataModule, Objective, StepOutput
 from modalforge.optim import build_optimizer, build_scheduler, clips_scaled_gradients
 from modalforge.scale.ranks import rank_world
@@ -35,7 +36,8 @@ class TrainingModule(L.LightningModule):
         optim: the ``optim`` config (see ``conf/train.yaml``).
         gradient_checkpointing: trade compute for activation memory.
         num_samples: human-readable samples produced at each validation.
-        compile: ``torch.compile`` the adapter target.
+        compile: ``torch.compile`` in place: ``true``/``blocks`` each repeated block (regional), ``model`` the
+            whole adapter target, false: eager (:mod:`modalforge.compile`).
         loss_impl: how Objectives compute token losses (:data:`modalforge.losses.LOSS_IMPLS`), set on the Objective.
     """
 
@@ -47,7 +49,7 @@ class TrainingModule(L.LightningModule):
         *,
         gradient_checkpointing: bool = False,
         num_samples: int = 3,
-        compile: bool = False,
+        compile: bool | str = False,
         loss_impl: str = "auto",
     ) -> None:
         super().__init__()
@@ -57,7 +59,7 @@ class TrainingModule(L.LightningModule):
         self.optim_config = dict(optim)
         self.gradient_checkpointing = gradient_checkpointing
         self.num_samples = num_samples
-        self.compile_target = compile
+        self.compile_mode = compile_mode(compile)
         self.last_num_tokens: int | None = None
         self.last_batch_size: int | None = None
         self.last_num_learned_tokens: int | torch.Tensor | None = None
@@ -94,8 +96,8 @@ class TrainingModule(L.LightningModule):
             from modalforge.adapters import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(target)
-        if self.compile_target:
-            target = torch.compile(target)
+        if self.compile_mode is not None:
+            compile_in_place(target, self.objective.block_classes(), self.compile_mode)
         self.objective.set_adapter_target(target)
         # After the adapter: `full` unfreezes its whole target, which may contain a frozen helper
         # (a locked CLIP tower); frozen always wins.

@@ -65,7 +65,7 @@ def build_module(cfg: DictConfig, objective: Objective, adapter: Adapter) -> Tra
         OmegaConf.to_container(cfg.optim, resolve=True),
         gradient_checkpointing=bool(module_cfg.get("gradient_checkpointing", False)),
         num_samples=int(module_cfg.get("num_samples", 0)),
-        compile=bool(module_cfg.get("compile", False)),
+        compile=module_cfg.get("compile", False),
         loss_impl=str(module_cfg.get("loss_impl", "auto")),
     )
 

@@ -227,9 +227,11 @@ def _check_against_defaults(name: str, node: Mapping[str, Any], choices: Mapping
         if key not in defaults:
             raise ConfigError(f"unknown key{_suggest(key, defaults)}", where=where,
                               hint=f"valid keys of {name}: {', '.join(defaults)}")
-        if key in choices and value not in choices[key]:
-            raise ConfigError(f"{value!r} is not one of: {', '.join(map(str, choices[key]))}"
-                              f"{_suggest(str(value), map(str, choices[key]))}", where=where)
+        if key in choices:
+            if value not in choices[key]:
+                raise ConfigError(f"{value!r} is not one of: {', '.join(map(str, choices[key]))}"
+                                  f"{_suggest(str(value), map(str, choices[key]))}", where=where)
+            continue  # a listed choice is valid whatever the default's type (module.compile: false or 'model')
         default = defaults[key]
         if value is None or default is None or isinstance(default, str) and "${" in default:
             continue
@@ -303,9 +305,11 @@ def validate_config(cfg: DictConfig) -> None:
         if plain.get(name) is not None:
             from modalforge.callbacks.data_identity import ON_CHANGE
             from modalforge.callbacks.nonfinite import NONFINITE_MODES
+            from modalforge.compile import COMPILE_CHOICES
             from modalforge.losses.lm import LOSS_IMPLS
 
-            _check_against_defaults(name, plain[name], {"nonfinite": NONFINITE_MODES, "loss_impl": LOSS_IMPLS}
+            _check_against_defaults(name, plain[name], {"nonfinite": NONFINITE_MODES, "loss_impl": LOSS_IMPLS,
+                                                        "compile": COMPILE_CHOICES}
                                     if name == "module" else {"on_data_change": ON_CHANGE})
     for name in ("data", "adapter"):
         node = plain.get(name)

@@ -34,11 +34,12 @@ SHARDED_ONLY = {
     "whisper_asr": ((), 2),
     "wav2vec2": ((), 2),
     "vlm": ((), 2),
+    "audio_lm": ((), 2),
     "multitask": (("tasks=[causal_lm,sft]", "objective.mix=sum"), None),
 }
 
 #: No per-rank randomness in their defaults: every step's loss equals one process with the global batch.
-EQUAL_TO_ONE_PROCESS = {"reward_model", "whisper_asr", "vlm"}
+EQUAL_TO_ONE_PROCESS = {"reward_model", "whisper_asr", "vlm", "audio_lm"}
 
 #: plugin -> overrides that take its per-rank randomness (augmentation) and per-rank statistics (BatchNorm)
 #: away, for the equality with one process under DDP (and FSDP2 for those whose default cannot equal).
@@ -59,6 +60,13 @@ RESUMED = {"diffusion", "grpo"}
 #: exported trained tensor must be bit for bit one of the EMA shadows the checkpoint holds, not the
 #: raw parameter of its name. Every other export writes the parameters as they are.
 EXPORT_TRAINED_FROM = {"diffusion": r"objective\.ema\.shadow_\d+"}
+
+
+def test_every_installed_built_in_plugin_is_in_the_sharded_checks():
+    from modalforge import registry
+
+    built_in = {name for name, item in registry.discover().items() if item.distribution == "modalforge"}
+    assert built_in == set(SHARDED_ONLY) | {"sft", "dpo"}
 
 
 @pytest.mark.slow
