@@ -234,7 +234,8 @@ class PreferenceDataModule(SourcedDataModule):
 
     def build(self, items: list[dict[str, Any]], what: str) -> Preferences:
         keys = ("prompt", "chosen", "rejected") if self.kind == "pairs" else ("prompt", "completion")
-        key = {"items": items_digest(items, lambda row: [row.get(k) for k in (*keys, "label", "tools", "where", "uid")]),
+        fields = (*keys, "label", "tools", "where", "uid")
+        key = {"items": items_digest(items, lambda row: [row.get(k) for k in fields]),
                "tokenizer": tokenizer_digest(self.processor),
                "options": {"kind": self.kind, "max_length": self.max_length, "too_long": self.too_long,
                            "truncation_mode": self.truncation_mode, "chat_template": self.chat_template,
@@ -274,7 +275,8 @@ class PreferenceDataModule(SourcedDataModule):
         if self.kind == "kto":
             arrays["label"] = np.array([bool(r["label"]) for r in rows], dtype=np.bool_)
         dropped = getattr(self, "_dropped", [])
-        return arrays, {"examples": len(rows), "dropped": len(dropped), "first_dropped": dropped[0] if dropped else None}
+        return arrays, {"examples": len(rows), "dropped": len(dropped),
+                        "first_dropped": dropped[0] if dropped else None}
 
     def _tokenize(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         items, dropped = [], []

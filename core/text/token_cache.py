@@ -203,7 +203,8 @@ def entry_path(folder: Path, name: str, key: str) -> Path:
     return folder / f"{safe}-{key[:24]}"
 
 
-def cached(name: str, folder: Path | None, key_parts: dict[str, Any], build: Callable[[], Built]) -> tuple[Built, bool, Path | None]:
+def cached(name: str, folder: Path | None, key_parts: dict[str, Any],
+           build: Callable[[], Built]) -> tuple[Built, bool, Path | None]:
     """``build()``'s ``(arrays, meta)``, kept under ``folder`` by ``key_parts``; ``(result, from cache?, entry)``.
 
     ``folder=None`` (``data.token_cache=off``) builds every time. Under ``torch.distributed``, local

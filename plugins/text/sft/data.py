@@ -240,8 +240,12 @@ class SFTDataModule(SourcedDataModule):
             self.stats = {"padding_share_unpacked": padding_share(lengths.tolist(), self.batch_size),
                           "padding_share_packed": padding_share(list(row_lengths), self.batch_size)}
         if hit:
-            log.info("sft %s: %d examples -> %d packed rows, read from the token cache %s", what, len(examples),
-                     len(packed), entry)
+            share = ""
+            if what.startswith("data.train"):
+                share = (f"; padding share {100 * self.stats['padding_share_packed']:.1f}% packed vs "
+                         f"{100 * self.stats['padding_share_unpacked']:.1f}% unpacked")
+            log.info("sft %s: %d examples -> %d packed rows%s, read from the token cache %s", what, len(examples),
+                     len(packed), share, entry)
         return Rows(packed if self.packing else _SingleRows(examples))
 
     def _encode(self, items: list[Item], what: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
