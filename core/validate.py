@@ -14,6 +14,7 @@ The first problem found raises a :class:`~modalforge.errors.ConfigError` whose
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import logging
@@ -153,7 +154,8 @@ def check_value(where: str, value: Any, hint: Any, *, default: Any = inspect.Par
     if conforms(value, hint):
         return
     choices = _choices(hint)
-    if choices and not any(conforms(value, a) for a in typing.get_args(hint) if typing.get_origin(a) is not typing.Literal):
+    others = typing.get_args(hint) if typing.get_origin(hint) is not typing.Literal else ()  # a union's non-choices
+    if choices and not any(conforms(value, a) for a in others if typing.get_origin(a) is not typing.Literal):
         shown = ", ".join(dict.fromkeys(str(c) for c in choices))
         raise ConfigError(f"{value!r} is not one of: {shown}{_suggest(str(value), [str(c) for c in choices])}",
                           where=where)
@@ -169,18 +171,34 @@ def _hints(obj: Callable[..., Any]) -> dict[str, Any]:
         return {}
 
 
-def check_call(where: str, target: str, kwargs: Mapping[str, Any], *, skip: typing.Iterable[str] = ()) -> None:
-    """Bind ``kwargs`` to ``target``'s signature: unknown keys, types and choices, without calling it."""
+def _option_group(hint: Any) -> type | None:
+    """The dataclass a parameter's hint names (through ``Optional`` and unions), if any: a grouped option."""
+    if dataclasses.is_dataclass(hint) and inspect.isclass(hint):
+        return hint
+    if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":
+        return next((g for a in typing.get_args(hint) if (g := _option_group(a)) is not None), None)
+    return None
+
+
+def check_call(where: str, target: str | Callable[..., Any], kwargs: Mapping[str, Any], *,
+               skip: typing.Iterable[str] = ()) -> None:
+    """Bind ``kwargs`` to ``target``'s signature: unknown keys, types and choices, without calling it.
+
+    ``target`` is a dotted path or the callable itself. A parameter typed as a dataclass (a group of
+    options, ``objective.ema.decay``) given as a mapping is checked against that dataclass in turn.
+    """
     from hydra.utils import get_object
 
     try:
-        obj = get_object(target)
+        obj = get_object(target) if isinstance(target, str) else target
     except Exception as err:  # noqa: BLE001 - ImportError, AttributeError...
         from modalforge.errors import missing_dependency
 
         hint = missing_dependency(err)
         raise ConfigError(f"cannot import {target!r}: {hint or f'{type(err).__name__}: {err}'}",
                           where=f"{where}._target_") from None
+    if not isinstance(target, str):
+        target = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', obj)}"
     try:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
@@ -209,6 +227,10 @@ def check_call(where: str, target: str, kwargs: Mapping[str, Any], *, skip: typi
             raise ConfigError(f"unknown key for {target}{_suggest(key, valid)}", where=f"{where}.{key}",
                               hint=f"valid keys of {where}: {', '.join(valid)}")
         if key in hints:
+            group = _option_group(hints[key])
+            if group is not None and isinstance(value, Mapping):
+                check_call(f"{where}.{key}", group, value)
+                continue
             check_value(f"{where}.{key}", value, hints[key], default=param.default)
 
 

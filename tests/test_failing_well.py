@@ -39,6 +39,12 @@ CONFIG_ROWS = [
     (["plugin=causal_lm", "adapter=lora", "adapter.r=big"], "adapter.r", ["'big'", "integer"]),
     (["plugin=causal_lm", "+seedling=1"], "seedling", ["unknown top-level key"]),
     (["plugin=causal_lm", "module.gradient_checkpointing=maybe"], "module.gradient_checkpointing", ["'maybe'"]),
+    (["plugin=causal_lm", "module.compile=fast"], "module.compile", ["'fast'", "blocks, model"]),
+    # grouped options (a dataclass-typed parameter) are checked key by key, before any work
+    (["plugin=diffusion", "+objective.ema.decy=0.9"], "objective.ema.decy", ["unknown key", "'decay'"]),
+    (["plugin=diffusion", "objective.schedule.prediction_type=flo"], "objective.schedule.prediction_type",
+     ["not one of", "epsilon", "'flow'"]),
+    (["plugin=diffusion", "objective.ema.decay=fast"], "objective.ema.decay", ["'fast'", "number"]),
 ]
 
 
