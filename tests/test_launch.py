@@ -191,7 +191,7 @@ def test_two_torchrun_nodes_on_loopback_share_one_run_dir(tmp_path):
     for node in (0, 1):
         command = [script("torchrun"), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
                    "--master-addr=127.0.0.1", f"--master-port={port}", script("train"), *TINY_DDP,
-                   "trainer.max_steps=3",
+                   "trainer.max_steps=3", "data.token_cache=off",  # every rank tokenises, and says so
                    "run_dir=outputs/${now:%H-%M-%S-%f}"]  # like the default's ${now:...}, with microseconds
         procs.append(subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}))
