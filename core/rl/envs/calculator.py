@@ -90,7 +90,7 @@ def tool_conversations(cache_dir: str | None, tool_share: float, label_noise: fl
     return out
 
 
-def build_tool_policy(config: dict, sft_steps: int = 400, sft_lr: float = 3e-3, sft_batch_size: int = 64,
+def build_tool_policy(config: dict, sft_steps: int = 800, sft_lr: float = 3e-3, sft_batch_size: int = 64,
                       vocab_size: int = 512, cache_dir: str | None = None, seed: int = 0, tool_share: float = 0.3,
                       sft_label_noise: float = 0.6):  # noqa: ANN201 - a transformers model
     """Model builder (``model=grpo/calculator_sft``): the tiny arithmetic policy SFT'd on demonstrations of which a
