@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -133,3 +134,21 @@ def explain_load_error(err: BaseException, path: str, old_config: Mapping[str, A
         return CheckpointError(f"does not fit the model: parameter {name} is {what}", where=f"ckpt_path={path}",
                                hint=hint)
     return CheckpointError(f"does not fit the model: {text.splitlines()[0]}", where=f"ckpt_path={path}", hint=hint)
+
+
+def read_zero_checkpoint(path: Path) -> dict[str, Any]:
+    """A DeepSpeed checkpoint folder as one checkpoint dict whose ``state_dict`` holds full fp32 weights.
+
+    Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` merges the per-rank partitions (ZeRO-3)
+    into the master weights and keeps Lightning's own state; its file is written beside the folder.
+    """
+    import tempfile
+
+    try:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            return convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "fp32.ckpt")
+    except ModuleNotFoundError:
+        raise CheckpointError("is a DeepSpeed checkpoint, and reading it needs deepspeed", where=str(path),
+                              hint='pip install "modalforge[deepspeed]"') from None

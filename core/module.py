@@ -377,7 +377,7 @@ class TrainingModule(L.LightningModule):
         self.trainer.strategy.barrier()
         if not self.trainer.is_global_zero:
             return None
-        from modalforge.export import read_zero_checkpoint
+        from modalforge.checkpoints import read_zero_checkpoint
 
         try:
             return read_zero_checkpoint(folder)["state_dict"]

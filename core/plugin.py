@@ -23,7 +23,7 @@ class Plugin:
             ``plugin/<name>.yaml`` and may add namespaced options (``data/<name>/...``).
         datamodule: dotted path of the DataModule class (a string so listing imports nothing heavy).
         objective: dotted path of the Objective class.
-        trl: optional ``"package.module:attribute"`` of a :class:`modalforge.trl_config.TrlPlugin`:
+        trl: optional ``"package.module:attribute"`` of a :class:`modalforge.cli.trl_config.TrlPlugin`:
             the TRL config classes the plugin reads with ``trl_config=<file>`` and its own argument
             handlers. None: the plugin takes no TRL config file.
     """

@@ -1,4 +1,4 @@
-"""LightningCLI-style arguments of `train` (core/cli_args.py): each form, its Hydra spelling, its errors."""
+"""LightningCLI-style arguments of `train` (core/cli/lightning_args.py): each form, its Hydra spelling, its errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from cli_helpers import run_cli
-from modalforge.cli_args import hydra_value, translate_argv
+from modalforge.cli.lightning_args import hydra_value, translate_argv
 from modalforge.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""`modalforge compare` (core/compare.py): the table and plots of real runs, and the summary a sweep writes."""
+"""`modalforge compare` (core/compare/): the table and plots of real runs, and the summary a sweep writes."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def f(clip):
 
 
 def test_trl_config_names_no_plugin():
-    assert plugin_mentions((ROOT / "core" / "trl_config.py").read_text()) == []
+    assert plugin_mentions((ROOT / "core" / "cli" / "trl_config.py").read_text()) == []
 
 
 def test_no_core_file_names_a_plugin():

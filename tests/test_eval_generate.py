@@ -100,7 +100,7 @@ def test_eval_errors_are_one_line(runs, capsys, tmp_path):
 def test_generate_prints_completions_and_stops_at_the_end_of_turn(runs, tmp_path):
     from transformers import AutoTokenizer
 
-    from modalforge.generate_cmd import generate
+    from modalforge.cli.generate import generate
     from modalforge.text.stops import end_of_turn_tokens
 
     final = runs["sft"] / "final"

@@ -12,7 +12,7 @@ import torch
 from cli_helpers import run_cli
 from modalforge.cli import main
 from modalforge.config import compose
-from modalforge.export import export_checkpoint
+from modalforge.cli.export import export_checkpoint
 from modalforge.run import run
 
 FAST = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_model_summary=false",
@@ -128,7 +128,7 @@ def test_a_deepspeed_zero_checkpoint_exports_through_lightnings_conversion(tmp_p
 
 def test_a_zero_checkpoint_without_deepspeed_is_one_line(tmp_path):
     from modalforge.errors import CheckpointError
-    from modalforge.export import read_zero_checkpoint
+    from modalforge.checkpoints import read_zero_checkpoint
 
     pytest.importorskip("lightning")
     folder = tmp_path / "zero.ckpt"

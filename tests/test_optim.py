@@ -153,7 +153,7 @@ def test_paged_adamw_32bit_makes_adamws_update():
 
 
 def test_lightning_cli_paged_optimizer_names_map_to_the_paged_ones():
-    from modalforge.cli_args import translate_argv
+    from modalforge.cli.lightning_args import translate_argv
 
     assert "optim.name=paged_adamw_8bit" in translate_argv(["plugin=sft", "--optimizer=PagedAdamW8bit"])
     assert "optim.name=paged_adamw_32bit" in translate_argv(

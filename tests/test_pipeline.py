@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modalforge import pipeline as pl
+from modalforge.cli import pipeline as pl
 from modalforge.cli import main
 from modalforge.errors import ConfigError
 

@@ -134,7 +134,7 @@ def test_model_and_tokenizer_loading_pass_trust_remote_code_false(monkeypatch):
 
 
 def test_export_refuses_it_too_naming_its_own_switch(tmp_path: Path):
-    from modalforge.export import _read
+    from modalforge.cli.export import _read
 
     ckpt, marker = _malicious(tmp_path)
     with pytest.raises(CheckpointError, match="--trust loads it"):

@@ -164,7 +164,7 @@ def test_the_option_composes_and_validates(tmp_path):
     from modalforge.validate import validate_config
 
     validate_config(compose(["plugin=sft", "data.token_cache=off"]))
-    validate_config(compose(["plugin=dpo", "+data.token_cache=off"]))
+    validate_config(compose(["plugin=dpo", "data.token_cache=off"]))
     assert token_cache.cache_folder(False) is None and token_cache.cache_folder("off") is None
     assert token_cache.cache_folder("auto", tmp_path) == tmp_path / "tokenized"
     assert token_cache.cache_folder("auto") == token_cache.cache_root(os.environ.get("MODALFORGE_CACHE")) / "tokenized"

@@ -13,7 +13,7 @@ from modalforge.testing import check_config_binds
 from modalforge import registry
 from modalforge.plugin import Plugin
 from modalforge.registry import InstalledPlugin
-from modalforge.trl_config import (TrlConfigError, expand_argv, format_value, resolve, snapshot, trl_config_mapping,
+from modalforge.cli.trl_config import (TrlConfigError, expand_argv, format_value, resolve, snapshot, trl_config_mapping,
                                    trl_config_overrides, trl_plugins)
 
 from cli_helpers import FAST, run_cli, series
@@ -191,13 +191,13 @@ def test_discovery_imports_no_trl_hook():
     import sys
 
     code = ("import sys; import modalforge.registry as r; r.discover(); "
-            "print(sorted(m for m in sys.modules if m.endswith('.trl') or m == 'modalforge.trl_config'))")
+            "print(sorted(m for m in sys.modules if m.endswith('.trl') or m == 'modalforge.cli.trl_config'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 TOY_HOOK = """
-from modalforge.trl_config import TrlPlugin, must_be
+from modalforge.cli.trl_config import TrlPlugin, must_be
 
 
 class ToyObjective:
@@ -232,7 +232,7 @@ def test_a_third_party_plugin_gets_trl_config(tmp_path, monkeypatch):
 
 def test_snapshot_matches_installed_trl():
     pytest.importorskip("trl")
-    stored = json.loads((Path(__import__("modalforge").__file__).parent / "trl_fields.json").read_text())
+    stored = json.loads((Path(__import__("modalforge.cli.trl_config").cli.trl_config.__file__).with_name("trl_fields.json")).read_text())
     live = snapshot()
     if live["trl_version"] != stored["trl_version"]:
         pytest.skip(f"trl {live['trl_version']} installed; the snapshot is of {stored['trl_version']}")

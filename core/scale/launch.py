@@ -143,7 +143,7 @@ def fit_trainer(cfg: Any, overrides: Sequence[str], launcher: Launcher) -> list[
 def override_value(value: str) -> str:
     """``value`` quoted so that Hydra's override parser reads it back unchanged (backslashes stay literal,
     as Hydra's grammar has them: a Windows path or a share reaches every rank as rank zero chose it)."""
-    from modalforge.cli_args import hydra_value
+    from modalforge.overrides import hydra_value
 
     return hydra_value(value)
 

@@ -1,4 +1,4 @@
-"""dpo's ``trl_config=``: a TRL ``DPOConfig`` file, read through the shared mapping in ``modalforge.trl_config``.
+"""dpo's ``trl_config=``: a TRL ``DPOConfig`` file, read through the shared mapping in ``modalforge.cli.trl_config``.
 
 The Objective's parameters that share TRL's names (``beta``, ``loss_weights``, ``ld_alpha``...) map
 onto ``objective.<name>`` by themselves; only what needs translating is here.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modalforge.trl_config import Context, Ignored, TrlPlugin, Unmapped, max_length, override
+from modalforge.cli.trl_config import Context, Ignored, TrlPlugin, Unmapped, max_length, override
 
 #: TRL's losses that read ``label_smoothing``.
 _SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")

@@ -1,10 +1,10 @@
-"""sft's ``trl_config=``: a TRL ``SFTConfig`` file, read through the shared mapping in ``modalforge.trl_config``."""
+"""sft's ``trl_config=``: a TRL ``SFTConfig`` file, read through the shared mapping in ``modalforge.cli.trl_config``."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from modalforge.trl_config import Context, TrlPlugin, direct, max_length, must_be, override
+from modalforge.cli.trl_config import Context, TrlPlugin, direct, max_length, must_be, override
 
 
 def _completion_only(value: Any, cfg: dict, ctx: Context) -> list[str]:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from modalforge.errors import ConfigError
+from modalforge.overrides import hydra_value
 
 # Hydra's own flags; those in _HYDRA_VALUED take the next argument as their value.
 _HYDRA_VALUED = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -51,7 +52,6 @@ _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searc
 _KEY = re.compile(r"^[A-Za-z_][\w@/-]*(\.\w[\w@/-]*)*$")
 _OVERRIDE = re.compile(r"^[+~]*[A-Za-z_][\w.@/-]*=")
 _NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-_SAFE_STRING = re.compile(r"^[A-Za-z_/.][\w./:@+-]*$")
 _OPTIMIZERS = {"adamw": "adamw", "sgd": "sgd", "adamw8bit": "adamw_8bit", "pagedadamw8bit": "paged_adamw_8bit",
                "pagedadamw": "paged_adamw_32bit", "pagedadamw32bit": "paged_adamw_32bit"}
 _OPTIM_KEYS = ("lr", "weight_decay", "betas", "eps", "momentum")
@@ -354,28 +354,3 @@ def _parse_yaml(value: str, where: str) -> Any:
         return yaml.safe_load(value)
     except yaml.YAMLError:
         raise ConfigError("not a value YAML can read", where=where) from None
-
-
-def hydra_value(value: Any) -> str:
-    """A YAML value written in Hydra's override grammar (strings quoted where needed).
-
-    Example:
-        ``hydra_value([1, "a b"])`` -> ``[1,'a b']``
-    """
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    if _SAFE_STRING.match(text) and text.lower() not in ("true", "false", "null", "inf", "nan"):
-        return text
-    # Hydra's quoted strings: a backslash is literal except before a quote or at the end.
-    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
-    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
-    return f"'{escaped}'"

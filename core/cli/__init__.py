@@ -222,7 +222,7 @@ def _expand_trl_config(argv: list[str]) -> list[str]:
     if not any(a.startswith("trl_config=") for a in argv):
         return argv
     from modalforge.errors import ModalforgeError
-    from modalforge.trl_config import expand_argv
+    from modalforge.cli.trl_config import expand_argv
 
     try:
         return expand_argv(argv)
@@ -233,7 +233,7 @@ def _expand_trl_config(argv: list[str]) -> list[str]:
 
 def train(argv: Sequence[str] | None = None) -> None:
     """The ``train`` console script."""
-    from modalforge.cli_args import translate_argv  # LightningCLI-style --trainer.max_steps=... forms
+    from modalforge.cli.lightning_args import translate_argv  # LightningCLI-style --trainer.max_steps=... forms
     from modalforge.errors import ConfigError
 
     try:
@@ -281,13 +281,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     compare = sub.add_parser("compare", help="table and plots of several runs, or of a sweep (train -m)")
     compare.add_argument("runs", nargs="+", help="run directories and/or a multirun (sweep) directory")
     compare.add_argument("--out", default=None, help="report folder (default: <first run dir>/compare)")
-    from modalforge import evaluate, export, generate_cmd, pipeline, preprocess
+    from modalforge.cli import evaluate, export, generate, pipeline, preprocess
 
     pipeline.add_arguments(sub.add_parser("pipeline", help="run train stages in order, each from the last's outputs"))
     export.add_arguments(sub.add_parser("export", help="write any checkpoint of a run in the final/ layout "
                                                        "(HF / PEFT / open_clip)"))
     evaluate.add_arguments(sub.add_parser("eval", help="a run's validation metrics on any data, without training"))
-    generate_cmd.add_arguments(sub.add_parser("generate", help="sample from a text or vision-language final/ folder"))
+    generate.add_arguments(sub.add_parser("generate", help="sample from a text or vision-language final/ folder"))
     preprocess.add_arguments(sub.add_parser("preprocess", help="tokenise a train run's data into the token cache "
                                                                "ahead of time (same overrides as train)"))
     args = parser.parse_args(argv)
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from modalforge.errors import ModalforgeError
 
         try:
-            {"eval": evaluate, "generate": generate_cmd, "preprocess": preprocess}[args.command].main(args)
+            {"eval": evaluate, "generate": generate, "preprocess": preprocess}[args.command].main(args)
         except ModalforgeError as err:
             _report_user_error(err)
     if args.command == "export":

@@ -311,7 +311,7 @@ def compare(paths: Sequence[str | Path], out: str | Path | None = None, plots: b
     print(table)
     (out / "summary.txt").write_text(table + "\n")
     _write_csv(runs, out / "summary.csv")
-    from modalforge import compare_plots
+    from modalforge.compare import plots as compare_plots
 
     written = compare_plots.copy_artifacts(runs, out)
     if plots:

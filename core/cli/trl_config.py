@@ -18,7 +18,7 @@ built from the helpers here (:func:`override`, :func:`direct`, :func:`must_be`,
 a parameter of the plugin's Objective map onto ``objective.<name>``.
 
 The argument names and defaults are a snapshot of TRL 1.16.0 on transformers 5.24
-(``trl_fields.json``, written by ``python -m modalforge.trl_config --snapshot``), so
+(``trl_fields.json``, written by ``python -m modalforge.cli.trl_config --snapshot``), so
 no trl install is needed; ``tests/test_trl_config.py`` checks the snapshot against
 the installed trl where there is one.
 """
@@ -35,7 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping as MappingType, Sequence
 
-from modalforge.cli_args import hydra_value
+from modalforge.overrides import hydra_value
 from modalforge.errors import ModalforgeError
 from modalforge.overrides import override_key
 
@@ -175,11 +175,11 @@ class TrlPlugin:
 
 def trl_fields(config_class: str) -> dict[str, Any]:
     """Argument name -> TRL default for ``config_class`` and the classes TRL's scripts parse beside it."""
-    data = json.loads(resources.files("modalforge").joinpath("trl_fields.json").read_text())
+    data = json.loads(resources.files("modalforge.cli").joinpath("trl_fields.json").read_text())
     if config_class not in data["configs"]:
         raise TrlConfigError(f"no snapshot of TRL's {config_class} in modalforge's trl_fields.json (it holds "
                              f"{', '.join(sorted(data['configs']))}); refresh it with "
-                             "`python -m modalforge.trl_config --snapshot`")
+                             "`python -m modalforge.cli.trl_config --snapshot`")
     merged: dict[str, Any] = dict(LEGACY)
     for name in (config_class, *COMMON_CONFIGS):
         merged.update(data["configs"][name])
@@ -221,7 +221,7 @@ def snapshot() -> dict[str, Any]:
 def format_value(value: Any) -> str:
     """A Hydra override value; strings always quoted, so the printed mapping reads the same for every key.
 
-    Quoting follows Hydra's grammar (:func:`modalforge.cli_args.hydra_value`): backslashes are
+    Quoting follows Hydra's grammar (:func:`modalforge.cli.lightning_args.hydra_value`): backslashes are
     literal, so ``C:\\runs`` or a regex reaches the config unchanged.
     """
     if isinstance(value, (list, tuple)):
@@ -510,7 +510,7 @@ def _hook(name: str) -> TrlPlugin | None:
     hook = registry.hook(name, "trl")
     if hook is not None and not isinstance(hook, TrlPlugin):
         raise TrlConfigError(f"plugin {name!r}: its trl hook {registry.get(name).plugin.trl!r} is a "
-                             f"{type(hook).__name__}, expected modalforge.trl_config.TrlPlugin")
+                             f"{type(hook).__name__}, expected modalforge.cli.trl_config.TrlPlugin")
     return hook
 
 
@@ -702,4 +702,4 @@ if __name__ == "__main__":  # pragma: no cover - maintainers refresh the snapsho
         target.write_text(json.dumps(snapshot(), indent=1, sort_keys=True) + "\n")
         print(f"wrote {target}")
     else:
-        print("usage: python -m modalforge.trl_config --snapshot")
+        print("usage: python -m modalforge.cli.trl_config --snapshot")

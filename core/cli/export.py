@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from modalforge.adapters.stages import export_merged_by_default
-from modalforge.checkpoints import CONFIG_KEY, read_checkpoint
+from modalforge.checkpoints import CONFIG_KEY, read_checkpoint, read_zero_checkpoint
 from modalforge.errors import CheckpointError, RunDirError
 from modalforge.model_folder import write_model_folder
 
@@ -66,24 +66,6 @@ def _read(path: Path, trust: bool = False) -> dict[str, Any]:
             checkpoint["state_dict"] = checkpoint.pop("model")
         return checkpoint
     return read_checkpoint(str(path), trust=trust, switch="--trust")  # weights_only=True unless --trust
-
-
-def read_zero_checkpoint(path: Path) -> dict[str, Any]:
-    """A DeepSpeed checkpoint folder as one checkpoint dict whose ``state_dict`` holds full fp32 weights.
-
-    Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` merges the per-rank partitions (ZeRO-3)
-    into the master weights and keeps Lightning's own state; its file is written beside the folder.
-    """
-    import tempfile
-
-    try:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            return convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "fp32.ckpt")
-    except ModuleNotFoundError:
-        raise CheckpointError("is a DeepSpeed checkpoint, and reading it needs deepspeed", where=str(path),
-                              hint='pip install "modalforge[deepspeed]"') from None
 
 
 def _run_config(checkpoint: dict[str, Any], run_dir: Path, path: Path) -> dict[str, Any]:

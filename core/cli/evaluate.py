@@ -66,7 +66,7 @@ def _is_model_folder(path: Path) -> bool:
 
 def resolve(source: str | Path) -> EvalSource:
     """The run directory and weights of a run directory, a ``final/`` folder or a checkpoint."""
-    from modalforge.export import resolve_source
+    from modalforge.cli.export import resolve_source
 
     path = Path(source).expanduser()
     if _is_model_folder(path):
@@ -111,7 +111,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
 
 def _use_folder(cfg: DictConfig, source: EvalSource) -> None:
     """Point the model at ``final/`` where the plugin builds it from a folder, else fall back to a checkpoint."""
-    from modalforge.export import resolve_source
+    from modalforge.cli.export import resolve_source
 
     folder = source.folder
     assert folder is not None
