@@ -17,6 +17,9 @@ Where the weights come from:
 
 The metrics go where a run's go: ``<run_dir>/eval/<timestamp>/csv/metrics.csv`` beside a
 ``.hydra/config.yaml`` of the evaluation, so ``modalforge compare <eval dir>`` reads it as a run.
+
+``--lm-eval tasks=...`` runs EleutherAI's lm-evaluation-harness on a ``final/`` instead
+(:mod:`modalforge.cli.lm_eval`).
 """
 
 from __future__ import annotations
@@ -260,6 +263,13 @@ def main(args: Any) -> None:
     """``modalforge eval`` (arguments from :func:`add_arguments`)."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    if getattr(args, "lm_eval", None) is not None:
+        from modalforge.cli import lm_eval
+
+        return lm_eval.main(args)
+    given = [flag for flag, dest in _LM_EVAL_FLAGS if getattr(args, dest, None) not in (None, [])]
+    if given:
+        raise ConfigError("is an lm_eval setting", where=given[0], hint="add --lm-eval tasks=<task>[,<task>...]")
     directory, metrics = evaluate(args.source, args.overrides, trust=args.trust)
     if rank_zero_only.rank == 0:
         print(format_metrics(metrics))
@@ -273,3 +283,21 @@ def add_arguments(parser: Any) -> None:
                         "trainer.devices=2 ...")
     parser.add_argument("--trust", action="store_true", help="load a checkpoint that holds more than tensors and "
                         "plain values (unpickling can run code: only for a file you trust)")
+    group = parser.add_argument_group("lm-evaluation-harness (pip install \"modalforge[eval]\")",
+                                      "--lm-eval scores a final/ folder (a run directory: its final/; a PEFT "
+                                      "adapter: on its base) with EleutherAI's lm_eval instead of the run's validation")
+    group.add_argument("--lm-eval", metavar="tasks=T1,T2", default=None, help="run lm_eval on these tasks")
+    group.add_argument("--num-fewshot", metavar="N", default=None, help="few-shot examples per document "
+                       "(default: each task's own)")
+    group.add_argument("--limit", metavar="N", default=None, help="at most N documents per task (below 1: a fraction)")
+    group.add_argument("--batch-size", metavar="N|auto", default=None, help="default 1; auto finds the largest that fits")
+    group.add_argument("--include-path", metavar="DIR", action="append", default=None,
+                       help="a folder of task YAML files (repeatable)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda where there is one)")
+    group.add_argument("--out", metavar="DIR", default=None, help="where lm_eval.json goes (default: "
+                       "<run_dir>/eval/lm_eval/, or <folder>_lm_eval/ for a folder in no run)")
+
+
+#: The lm_eval flags (and their argparse names), refused without --lm-eval.
+_LM_EVAL_FLAGS = (("--num-fewshot", "num_fewshot"), ("--limit", "limit"), ("--batch-size", "batch_size"),
+                  ("--include-path", "include_path"), ("--device", "device"), ("--out", "out"))
