@@ -17,6 +17,9 @@ from cli_helpers import FAST, run_cli, script, series
 def test_train_without_plugin_lists_plugins():
     proc = run_cli("train")
     assert "usage: train plugin=<name>" in proc.stdout and "causal_lm" in proc.stdout
+    for flag in ("--help", "-h"):  # Hydra's help would need a plugin to compose: the usage instead, exit 0
+        proc = run_cli("train", flag)
+        assert "usage: train plugin=<name>" in proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_unknown_plugin_lists_installed_ones():

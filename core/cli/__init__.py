@@ -246,9 +246,11 @@ def train(argv: Sequence[str] | None = None) -> None:
 
         config.register()
         names = _plugin_names(argv)
-        if names is None and not any(a in _HYDRA_INFO_FLAGS for a in argv):
+        asks_help = any(a in ("--help", "-h") for a in argv)
+        if names is None and (asks_help or not any(a in _HYDRA_INFO_FLAGS for a in argv)):
+            # without a plugin, Hydra's own help would fail composing the config (plugin is required)
             print(USAGE + "\ninstalled plugins:\n" + registry.describe())
-            raise SystemExit(0 if not argv else 2)
+            raise SystemExit(0 if not argv or asks_help else 2)
         for name in names or []:
             registry.get(name)
     except registry.PluginError as err:
