@@ -8,8 +8,10 @@ of steps, logging every 10 steps, no checkpoints. TRL runs with gradient checkpo
 default is on) and fp32 (its default is bf16).
 
 Before timing, a parity check on one batch of the same records, through each side's own code:
-- SFT: the input ids and loss masks of TRL's tokenisation against modalforge's, and the loss
-  (TRL's `compute_loss` against the `sft` objective) on the same weights: target |diff| <= 1e-6.
+- SFT: the input ids and loss masks of TRL's tokenisation against modalforge's (identical but for one
+  token per record: TRL also learns the newline the chatml template writes after `<|im_end|>`, modalforge
+  learns each answer and its end-of-turn marker only), and the loss (TRL's `compute_loss` against the `sft`
+  objective's loss, on TRL's batch) on the same weights: target |diff| <= 1e-6.
 - DPO: sigmoid, IPO and hinge losses (TRL's `_compute_loss` against modalforge's `paired_loss`)
   on the same batch and the same reference log-probs: target |diff| <= 1e-5 (the full family is in
   benchmarks/dpo_trl_parity.py).
@@ -17,8 +19,10 @@ Before timing, a parity check on one batch of the same records, through each sid
 Timing: each run is its own process (whole-process wall time: imports, tokenisation, model, training,
 teardown) and the sides alternate, each repeat in the other order (the machine is noisy). Steady state:
 input tokens per second (padding excluded, the same definition as `train/tokens_per_s`) and pairs per
-second for DPO, after the first `--warmup` steps. Prints each figure, and modalforge / TRL ratios
-(target >= 1.2 in every row, at equal loss).
+second for DPO, after the first `--warmup` steps, and each process's peak resident memory (VmHWM). Prints
+each figure, and modalforge / TRL ratios (target >= 1.2 in every row, at equal loss; peak memory <= 1.0).
+`sft_compiled`: unpacked sft compiled, modalforge's `module.compile=true` (each decoder block, in place)
+against TRL's `torch_compile=True` (the whole model); the warm-up steps hold the compilation.
 
 Packing differs in layout: TRL's default ("bfd", padding-free) flattens a batch into one row with position
 ids; modalforge packs first-fit rows of `max_length` with a block-diagonal mask (`data.packing=true`). Both
@@ -48,7 +52,7 @@ SIZES = {
     "10m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
                 num_key_value_heads=2),
 }
-MODES = ("sft", "sft_packed", "dpo")
+MODES = ("sft", "sft_packed", "sft_compiled", "dpo")
 
 
 # ---- shared setup -----------------------------------------------------------------------------------------------
@@ -101,7 +105,8 @@ def modalforge_overrides(mode: str, root: Path, folder: Path, steps: int) -> lis
               "checkpoint.export_on_end=false", "module.num_samples=0", "seed=0"]
     if mode == "dpo":
         return [*common, "objective.loss=sigmoid", f"objective.beta={BETA}", "objective.reference=copy"]
-    return [*common, f"data.packing={'true' if mode == 'sft_packed' else 'false'}"]
+    compiled = ["module.compile=true"] if mode == "sft_compiled" else []  # each decoder block, in place
+    return [*common, f"data.packing={'true' if mode == 'sft_packed' else 'false'}", *compiled]
 
 
 def trl_args(mode: str, out: str, steps: int):  # noqa: ANN201
@@ -116,7 +121,7 @@ def trl_args(mode: str, out: str, steps: int):  # noqa: ANN201
         return DPOConfig(**common, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=False)
     from trl import SFTConfig
 
-    return SFTConfig(**common, packing=mode == "sft_packed")
+    return SFTConfig(**common, packing=mode == "sft_packed", torch_compile=mode == "sft_compiled")  # whole model
 
 
 def trl_trainer(mode: str, root: Path, folder: Path, out: str, steps: int, callbacks=(), records=None):  # noqa: ANN001, ANN201
@@ -168,22 +173,28 @@ def sft_parity(root: Path, folder: Path) -> tuple[float, bool]:
         first = read_records(str(Path(out) / "first.jsonl"), what="parity")
         items = dm._tokenize([dm.parse(r) for r in first], "parity")
         ours = dm.collate([[item] for item in items])
-        same = (theirs["input_ids"].shape == ours["input_ids"].shape
-                and torch.equal(theirs["input_ids"] * theirs["attention_mask"], ours["input_ids"] * ours["attention_mask"])
-                and torch.equal(theirs["labels"] != -100, ours["labels"] != -100))
-        if not same:
+        same_ids = theirs["input_ids"].shape == ours["input_ids"].shape and torch.equal(
+            theirs["input_ids"] * theirs["attention_mask"], ours["input_ids"] * ours["attention_mask"])
+        # The one known difference: TRL (prompt-completion records) also learns the newline the chatml template
+        # writes after <|im_end|>; modalforge learns each answer and its end-of-turn marker only (issue 22).
+        newline = dm.processor.convert_tokens_to_ids(dm.processor.tokenize("\n"))[-1]
+        extra = (theirs["labels"] != -100) & (ours["labels"] == -100)
+        only_newline = bool(same_ids and torch.equal(ours["labels"] != -100, (theirs["labels"] != -100) & ~extra)
+                            and (theirs["input_ids"][extra] == newline).all())
+        if not only_newline:
             print("SFT tokens differ: TRL ids/labels vs modalforge's on the same records (first row):")
             print("  TRL       ", theirs["input_ids"][0].tolist(), (theirs["labels"][0] != -100).int().tolist())
             print("  modalforge", ours["input_ids"][0].tolist(), (ours["labels"][0] != -100).int().tolist())
         model = trainer.model
         model.train()
-        with torch.no_grad():
+        with torch.no_grad():  # the loss functions compared on TRL's batch: the same tokens, the same mask
             trl_loss = float(trainer.compute_loss(model, {k: v for k, v in theirs.items()}))
-            logits = model(input_ids=ours["input_ids"], attention_mask=ours["attention_mask"], use_cache=False).logits
-            our_loss = float(token_loss_and_accuracy(logits, ours["labels"])[0])
-    print(f"SFT loss on one batch of {BATCH}: TRL {trl_loss:.8f}, modalforge {our_loss:.8f}; "
-          f"ids and loss masks {'identical' if same else 'DIFFER'}")
-    return abs(trl_loss - our_loss), same
+            logits = model(input_ids=theirs["input_ids"], attention_mask=theirs["attention_mask"], use_cache=False).logits
+            our_loss = float(token_loss_and_accuracy(logits, theirs["labels"])[0])
+    print(f"SFT loss on one batch of {BATCH} (TRL's batch through both losses): TRL {trl_loss:.8f}, modalforge "
+          f"{our_loss:.8f}; ids {'identical' if same_ids else 'DIFFER'}, loss masks "
+          f"{'identical but for TRL also learning the newline after <|im_end|> (' + str(int(extra.sum())) + ' tokens)' if only_newline else 'DIFFER'}")
+    return abs(trl_loss - our_loss), only_newline
 
 
 def dpo_parity(root: Path, folder: Path) -> dict[str, float]:
@@ -264,6 +275,13 @@ def child_trl(mode: str, root: Path, folder: Path, steps: int, warmup: int) -> t
     return steady(timer.times, tokens, warmup)
 
 
+def peak_resident_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
+    child would report its parent's peak."""
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmHWM:")) / 1024
+
+
 def run_child(side: str, mode: str, root: Path, folder: Path, steps: int, warmup: int, threads: int) -> dict:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", side, "--mode", mode, "--root", str(root),
@@ -298,7 +316,7 @@ def main() -> None:
     if args.child:
         fn = child_trl if args.child == "trl" else child_modalforge
         tokens_s, steps_s = fn(args.mode, Path(args.root), Path(args.folder), args.steps, args.warmup)
-        print(json.dumps({"tokens_s": tokens_s, "steps_s": steps_s}))
+        print(json.dumps({"tokens_s": tokens_s, "steps_s": steps_s, "peak_mb": peak_resident_mb()}))
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -318,19 +336,22 @@ def main() -> None:
                     r = run_child(side, mode, root, folder, args.steps, args.warmup, args.threads)
                     results[(mode, side)].append(r)
                     unit = f"{r['steps_s'] * BATCH:8.1f} pairs/s" if mode == "dpo" else f"{r['tokens_s']:8.0f} tokens/s"
-                    print(f"repeat {i}: {mode:<10} {side:<10} {unit}, {r['steps_s']:6.2f} steps/s, "
-                          f"process wall {r['wall_s']:6.1f} s", flush=True)
+                    print(f"repeat {i}: {mode:<12} {side:<10} {unit}, {r['steps_s']:6.2f} steps/s, "
+                          f"peak {r['peak_mb']:7.1f} MB, process wall {r['wall_s']:6.1f} s", flush=True)
     print(f"\n{args.size} Llama, batch {BATCH}, max length {MAX_LENGTH}, fp32, fused AdamW, {args.steps} steps "
           f"(first {args.warmup} excluded from the rates); medians of {args.repeats} paired repeats")
-    print(f"{'mode':<11}{'modalforge':>16}{'TRL':>16}{'ratio':>8}   process wall s (modalforge / TRL)")
+    print(f"{'mode':<13}{'modalforge':>16}{'TRL':>16}{'ratio':>8}   peak MB (modalforge / TRL, ratio)"
+          "   process wall s (modalforge / TRL)")
     for mode in modes:
         ours, theirs = results[(mode, "modalforge")], results[(mode, "trl")]
         key = "steps_s" if mode == "dpo" else "tokens_s"
         scale = BATCH if mode == "dpo" else 1
         unit = "pairs/s" if mode == "dpo" else "tok/s"
         ratio = statistics.median(a[key] / b[key] for a, b in zip(ours, theirs))
-        print(f"{mode:<11}{statistics.median(r[key] for r in ours) * scale:>10.1f} {unit:<6}"
+        peaks = [statistics.median(r["peak_mb"] for r in side) for side in (ours, theirs)]
+        print(f"{mode:<13}{statistics.median(r[key] for r in ours) * scale:>10.1f} {unit:<6}"
               f"{statistics.median(r[key] for r in theirs) * scale:>9.1f} {unit:<6}{ratio:>7.2f}   "
+              f"{peaks[0]:7.1f} / {peaks[1]:7.1f} ({peaks[0] / peaks[1]:.2f}, target <= 1.0)   "
               f"{statistics.median(r['wall_s'] for r in ours):6.1f} / {statistics.median(r['wall_s'] for r in theirs):6.1f}"
               f"  (target ratio >= 1.2)")
 
