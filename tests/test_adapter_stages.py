@@ -139,3 +139,16 @@ def test_adapter_resume_without_an_adapter_folder_is_one_clear_error(tmp_path):
                    "adapter=lora", "adapter.resume=true", f"run_dir={tmp_path / 'run'}", *STEPS, *FAST, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "adapter.resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_grpo_continuing_the_sft_adapter_takes_a_copy_as_its_reference(sft_stage, tmp_path):
+    from modalforge.testing import FAST_OVERRIDES, compose_plugin, run_steps
+
+    source = sft_stage / "sft" / "final"
+    base = ["model=grpo/pretrained", f"model.name_or_path={source}", "adapter=lora", "objective.beta=0.04",
+            "data.batch_size=2", "objective.num_generations=2", "objective.max_completion_length=4"]
+    for resume, expected in (("true", "copy"), ("false", "adapter")):
+        cfg = compose_plugin("grpo", [*FAST_OVERRIDES, *base, f"adapter.resume={resume}"])
+        _, module, report = run_steps(cfg, tmp_path / resume, 1)
+        assert module.objective.reference_mode == expected  # merged: the new adapter disabled is the sft model
+        assert all(torch.isfinite(torch.tensor(report.losses)))

@@ -29,6 +29,7 @@ from typing import Any, Literal, Mapping
 import torch
 from torch import nn
 
+from modalforge.adapters.stages import continues_adapter
 from modalforge.errors import ModalforgeError
 from modalforge.interfaces import ModelObjective, StepOutput
 from modalforge.losses import token_logprobs
@@ -196,8 +197,9 @@ class RolloutObjective(ModelObjective):
         self._reference_ready = True
         self._check_context(module)
         if self.reference_mode == "auto":
+            # a continued earlier-stage adapter (adapter.resume): disabled, it is the original base, not the start
             self.reference_mode = "none" if self.beta == 0 else (
-                "adapter" if hasattr(module, "disable_adapter") else "copy")
+                "adapter" if hasattr(module, "disable_adapter") and not continues_adapter(module) else "copy")
         if self.reference_mode == "adapter" and not hasattr(module, "disable_adapter"):
             raise ModalforgeError("objective.reference=adapter needs a PEFT adapter (adapter=lora|qlora|dora|ia3)")
         if self.reference_mode == "copy" and self.reference is None:
