@@ -13,25 +13,11 @@ import pytest
 import torch
 
 from cli_helpers import FAST, run_cli
+from tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 STEPS = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1"]
-
-
-def _save_base(folder) -> None:
-    """A tiny Llama with the causal_lm demo tokenizer, saved like a downloaded checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from modalforge.plugins.text.causal_lm.data import CausalLMDataModule
-
-    dm = CausalLMDataModule(block_size=32, batch_size=4)
-    dm.setup()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(dm.processor), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    dm.processor.save_pretrained(folder)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -44,7 +30,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def sft_stage(tmp_path_factory):
     """base/ and an sft run with adapter=lora on it (its final/ is the adapter alone)."""
     root = tmp_path_factory.mktemp("stages")
-    _save_base(root / "base")
+    save_tiny_llama(root / "base")
     run_cli("train", "plugin=sft", "model=sft/pretrained", f"model.name_or_path={root / 'base'}", "adapter=lora",
             "optim.lr=5e-2", f"run_dir={root / 'sft'}", *STEPS, *FAST)
     return root
@@ -134,7 +120,7 @@ def test_adapter_resume_continues_the_sft_adapter_with_the_sft_model_as_referenc
 
 
 def test_adapter_resume_without_an_adapter_folder_is_one_clear_error(tmp_path):
-    _save_base(tmp_path / "base")
+    save_tiny_llama(tmp_path / "base")
     proc = run_cli("train", "plugin=sft", "model=sft/pretrained", f"model.name_or_path={tmp_path / 'base'}",
                    "adapter=lora", "adapter.resume=true", f"run_dir={tmp_path / 'run'}", *STEPS, *FAST, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]

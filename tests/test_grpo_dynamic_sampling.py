@@ -11,9 +11,10 @@ import torch
 
 from modalforge.config import compose
 from modalforge.errors import ModalforgeError
-from modalforge.run import build_components, build_module, run
+from modalforge.run import build_components, run
 
 from cli_helpers import FAST, series
+from tiny_models import built_objective
 
 G = 2
 SMOKE = ["model=grpo/tiny_llama", "data.batch_size=4", f"objective.num_generations={G}",
@@ -33,16 +34,6 @@ def _prompts(tmp_path, live_every: int = 3):
     return [f"data.train={path}", f"data.val={path}"]
 
 
-def build(overrides):
-    cfg = compose(["plugin=grpo", *SMOKE, *overrides])
-    dm, objective, adapter = build_components(cfg)
-    module = build_module(cfg, objective, adapter)
-    dm.setup()
-    objective.connect(dm)
-    module.configure_model()
-    return objective, next(iter(dm.train_dataloader()))
-
-
 def test_values_and_errors():
     for value, mode in (("false", "off"), ("true", "drop"), ("drop", "drop"), ("refill", "refill")):
         cfg = compose(["plugin=grpo", *SMOKE, f"objective.dynamic_sampling={value}"])
@@ -56,11 +47,12 @@ def test_values_and_errors():
 
 def test_refill_fills_the_batch_with_informative_groups_drop_shrinks_it(tmp_path):
     data = _prompts(tmp_path)  # one prompt in three is informative
-    objective, batch = build([*data, "objective.dynamic_sampling=drop"])
+    objective, batch = built_objective(["plugin=grpo", *SMOKE, *data, "objective.dynamic_sampling=drop"])
     objective.training_step(batch)
     assert len(objective._rollout) < 4 * G and objective._rollout_metrics["dynamic_sampling/dropped_groups"] > 0
 
-    objective, batch = build([*data, "objective.dynamic_sampling=refill", "objective.max_refill_rounds=8"])
+    objective, batch = built_objective(["plugin=grpo", *SMOKE, *data, "objective.dynamic_sampling=refill",
+                                        "objective.max_refill_rounds=8"])
     draws = 0
     for _ in range(2):  # two rollouts: the second continues the stream where the first stopped
         objective._rollout = None
@@ -76,7 +68,8 @@ def test_refill_fills_the_batch_with_informative_groups_drop_shrinks_it(tmp_path
     epoch, offset = objective._prompt_cursor
     assert epoch * 24 + offset == 4 * draws  # every draw took the next 4 prompts of the stream
     # bounded: no refill round allowed trains on what the first draw had, and says so in the metrics
-    objective, batch = build([*data, "objective.dynamic_sampling=refill", "objective.max_refill_rounds=0"])
+    objective, batch = built_objective(["plugin=grpo", *SMOKE, *data, "objective.dynamic_sampling=refill",
+                                        "objective.max_refill_rounds=0"])
     objective.training_step(batch)
     metrics = objective._rollout_metrics
     assert metrics["dynamic_sampling/groups_generated"] == 4 and metrics["dynamic_sampling/refill_rounds"] == 0
@@ -84,7 +77,7 @@ def test_refill_fills_the_batch_with_informative_groups_drop_shrinks_it(tmp_path
 
 
 def test_prompts_come_from_the_stream_in_order_without_repeats(tmp_path):
-    objective, _ = build([*_prompts(tmp_path), "objective.dynamic_sampling=refill"])
+    objective, _ = built_objective(["plugin=grpo", *SMOKE, *_prompts(tmp_path), "objective.dynamic_sampling=refill"])
     dm = objective.datamodule
     stream = [p for b in dm.train_dataloader() for p in b["prompts"]]
     drawn = [p for _ in range(len(stream) // 4) for p in objective._next_prompts(torch.device("cpu"))["prompts"]]

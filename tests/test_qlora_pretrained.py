@@ -13,22 +13,9 @@ from modalforge.adapters import QLoraAdapter, check_fsdp_quant_storage, compute_
 from modalforge.errors import ConfigError
 from modalforge.testing import FAST_OVERRIDES, compose_plugin, run_steps
 
+from tiny_models import save_tiny_llama
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-def save_tiny_llama(folder, vocab_size: int = 300, layers: int = 2) -> None:
-    """A tiny Llama + the causal_lm demo tokenizer, saved like a downloaded checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from modalforge.plugins.text.causal_lm.data import CausalLMDataModule
-
-    dm = CausalLMDataModule(block_size=32, batch_size=4)
-    dm.setup()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(dm.processor), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    dm.processor.save_pretrained(folder)
 
 
 @pytest.fixture

@@ -14,24 +14,15 @@ from modalforge.config import compose
 from modalforge.errors import ModalforgeError
 from modalforge.rl import Environment, ToolEnvironment, parse_tool_calls
 from modalforge.rl import episodes as episodes_module
-from modalforge.run import build_components, build_module, run
+from modalforge.run import run
 
 from cli_helpers import FAST, series
+from tiny_models import built_objective
 
 SMOKE = ["plugin=grpo", "data.batch_size=2", "objective.num_generations=2", "objective.beta=0",
          "optim.warmup_steps=0", "objective.max_completion_length=6"]
 REAL = episodes_module.generate_turns  # the policy's own turns, before any test patches them
 QUIET = ["trainer.enable_progress_bar=false", "callbacks=none", "checkpoint.export_on_end=false"]
-
-
-def build(overrides):
-    cfg = compose([*SMOKE, *overrides])
-    dm, objective, adapter = build_components(cfg)
-    module = build_module(cfg, objective, adapter)
-    dm.setup()
-    objective.connect(dm)
-    module.configure_model()
-    return objective, next(iter(dm.train_dataloader()))
 
 
 def call_text(expression: str) -> str:
@@ -100,7 +91,8 @@ def test_guess_number_gives_feedback_and_a_smaller_second_reward():
 
 
 def test_episode_appends_tool_turns_masked_out_of_the_loss(monkeypatch):
-    objective, batch = build(["objective.environment=calculator", "objective.max_completion_length=64"])
+    objective, batch = built_objective([*SMOKE, "objective.environment=calculator",
+                                         "objective.max_completion_length=64"])
     monkeypatch.setattr(episodes_module, "generate_turns", scripted(objective))
     objective._rollout = rollout = objective._new_rollout(batch)
     tokenizer, metrics = objective.datamodule.processor, objective._rollout_metrics
@@ -137,7 +129,7 @@ def test_episode_appends_tool_turns_masked_out_of_the_loss(monkeypatch):
 
 
 def test_per_turn_rewards_add_to_the_configured_ones(monkeypatch):
-    objective, batch = build(["objective.environment=guess_number", "objective.rewards=[format]"])
+    objective, batch = built_objective([*SMOKE, "objective.environment=guess_number", "objective.rewards=[format]"])
     answers = [int(f["answer"]) for f in batch["fields"]]
     tokenizer = objective.datamodule.processor
 
@@ -156,12 +148,12 @@ def test_per_turn_rewards_add_to_the_configured_ones(monkeypatch):
 
 
 def test_budget_and_turn_limits_truncate_episodes(monkeypatch):
-    objective, batch = build(["objective.environment=calculator", "objective.max_turns=1",
+    objective, batch = built_objective([*SMOKE, "objective.environment=calculator", "objective.max_turns=1",
                                 "objective.max_completion_length=64"])
     monkeypatch.setattr(episodes_module, "generate_turns", scripted(objective))
     rollout, _, truncated, metrics = objective._sample(batch)
     assert truncated.all() and metrics["truncated_episodes"] == 1 and (rollout.completion_mask == 1).all()
-    objective, batch = build(["objective.environment=calculator", "objective.max_episode_tokens=64",
+    objective, batch = built_objective([*SMOKE, "objective.environment=calculator", "objective.max_episode_tokens=64",
                                 "objective.max_completion_length=64"])
     monkeypatch.setattr(episodes_module, "generate_turns", scripted(objective))
     rollout, _, truncated, _ = objective._sample(batch)
@@ -170,9 +162,9 @@ def test_budget_and_turn_limits_truncate_episodes(monkeypatch):
 
 def test_options_are_checked():
     with pytest.raises(ModalforgeError, match="objective.environment='nope'"):
-        build(["objective.environment=nope"])
+        built_objective([*SMOKE, "objective.environment=nope"])
     with pytest.raises(ModalforgeError, match="does not import"):
-        build(["objective.environment=no_such_module:factory"])
+        built_objective([*SMOKE, "objective.environment=no_such_module:factory"])
 
 
 class Echo(Environment):

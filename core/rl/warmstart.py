@@ -67,16 +67,28 @@ def train_arithmetic_policy(folder: Path, *, config: dict[str, Any], steps: int,
                             vocab_size: int, cache_dir: str | None, seed: int, label_noise: float = 0.0) -> None:
     """SFT a tiny model on the demo conversations (a ``label_noise`` share answered off by one) and
     ``save_pretrained`` it (and its tokenizer, built on the clean conversations) to ``folder``."""
-    with preparing("rl: warm-starting the arithmetic policy by SFT", total=steps, unit="step",
-                   cached_in=folder.parent) as progress:
-        _sft(folder, progress, config=config, steps=steps, lr=lr, batch_size=batch_size, vocab_size=vocab_size,
-             cache_dir=cache_dir, seed=seed, label_noise=label_noise)
+    from modalforge.rl.prompts import arithmetic_conversations
+
+    sft_policy(folder, "the arithmetic policy", noisy_answers(arithmetic_conversations(cache_dir), label_noise, seed),
+               config=config, steps=steps, lr=lr, batch_size=batch_size, vocab_size=vocab_size, cache_dir=cache_dir,
+               seed=seed, meta={"label_noise": label_noise})
 
 
-def _sft(folder: Path, progress: Preparation, *, config: dict[str, Any], steps: int, lr: float, batch_size: int,
-         vocab_size: int, cache_dir: str | None, seed: int, label_noise: float) -> None:
+def sft_policy(folder: Path, what: str, conversations: list[list[dict[str, Any]]], *, config: dict[str, Any],
+               steps: int, lr: float, batch_size: int, vocab_size: int, cache_dir: str | None, seed: int,
+               meta: dict[str, Any] | None = None) -> None:
+    """SFT a tiny model built from ``config`` on ``conversations`` (assistant tokens only) and save it with the
+    arithmetic tokenizer to ``folder``: every offline warm-start policy (this module's, the calculator's)."""
+    with preparing(f"rl: warm-starting {what} by SFT", total=steps, unit="step", cached_in=folder.parent) as progress:
+        _sft(folder, progress, conversations, config=config, steps=steps, lr=lr, batch_size=batch_size,
+             vocab_size=vocab_size, cache_dir=cache_dir, seed=seed, meta=meta or {})
+
+
+def _sft(folder: Path, progress: Preparation, conversations: list[list[dict[str, Any]]], *, config: dict[str, Any],
+         steps: int, lr: float, batch_size: int, vocab_size: int, cache_dir: str | None, seed: int,
+         meta: dict[str, Any]) -> None:
     from modalforge.text.models import build_causal_lm
-    from modalforge.rl.prompts import arithmetic_conversations, arithmetic_tokenizer
+    from modalforge.rl.prompts import arithmetic_tokenizer
 
     start = time.perf_counter()
     tokenizer = arithmetic_tokenizer(cache_dir, vocab_size)
@@ -85,7 +97,7 @@ def _sft(folder: Path, progress: Preparation, *, config: dict[str, Any], steps: 
         model = build_causal_lm(config=dict(config), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         examples = []
-        for messages in noisy_answers(arithmetic_conversations(cache_dir), label_noise, seed):
+        for messages in conversations:
             tok = tokenize_conversation(tokenizer, messages)
             examples.append((tok.input_ids, tok.labels))
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -114,8 +126,8 @@ def _sft(folder: Path, progress: Preparation, *, config: dict[str, Any], steps: 
         save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(folder))
     seconds = time.perf_counter() - start
-    (folder / "warmstart.json").write_text(json.dumps({"steps": steps, "label_noise": label_noise,
-                                                       "final_loss": float(loss), "seconds": seconds}))
+    (folder / "warmstart.json").write_text(json.dumps({"steps": steps, **meta, "final_loss": float(loss),
+                                                       "seconds": seconds}))
     progress.summary = f"{steps} steps, final loss {float(loss):.3f}"
 
 

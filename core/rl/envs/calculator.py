@@ -99,16 +99,11 @@ def build_tool_policy(config: dict, sft_steps: int = 800, sft_lr: float = 3e-3, 
     learn to call the tool more often, since its answers are right."""
     import hashlib
     import json
-    import random
 
-    import torch
     from transformers import AutoModelForCausalLM
 
     from modalforge.data.cache import cache_root, ensure_built
-    from modalforge.rl.prompts import arithmetic_tokenizer
-    from modalforge.rl.warmstart import _batches
-    from modalforge.text.models import build_causal_lm
-    from modalforge.text.tokenize import tokenize_conversation
+    from modalforge.rl.warmstart import sft_policy
     from modalforge.torch_modes import plain_torch
 
     settings = json.dumps({"config": dict(config), "steps": sft_steps, "lr": sft_lr, "batch": sft_batch_size,
@@ -117,29 +112,9 @@ def build_tool_policy(config: dict, sft_steps: int = 800, sft_lr: float = 3e-3, 
     folder = cache_root(cache_dir) / "rl" / f"calculator-policy-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
 
     def build(tmp) -> None:  # noqa: ANN001 - a Path
-        tokenizer = arithmetic_tokenizer(cache_dir, vocab_size)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = build_causal_lm(config=dict(config), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-            examples = []
-            for messages in tool_conversations(cache_dir, tool_share, sft_label_noise, seed):
-                tok = tokenize_conversation(tokenizer, messages)
-                examples.append((tok.input_ids, tok.labels))
-            optimizer = torch.optim.AdamW(model.parameters(), lr=sft_lr, weight_decay=0.0)
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / sft_steps))
-            batches = _batches(examples, sft_batch_size, tokenizer.pad_token_id, random.Random(seed))
-            model.train()
-            for _ in range(sft_steps):
-                ids, mask, labels = next(batches)
-                model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-        model.save_pretrained(str(tmp), is_main_process=True)
-        tokenizer.save_pretrained(str(tmp))
+        sft_policy(tmp, "the calculator policy", tool_conversations(cache_dir, tool_share, sft_label_noise, seed),
+                   config=config, steps=sft_steps, lr=sft_lr, batch_size=sft_batch_size, vocab_size=vocab_size,
+                   cache_dir=cache_dir, seed=seed, meta={"tool_share": tool_share, "label_noise": sft_label_noise})
 
     if not folder.exists():
         with plain_torch():
