@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from modalforge.config import compose
-from modalforge.run import build_components, build_module, run
+from modalforge.run import run
 
 from cli_helpers import FAST, series
+from tiny_models import built_objective
 
 OFFSET = 0.3  # the "other engine" reports every sampled token OFFSET nats less likely than the policy does
 SMOKE = ["model=grpo/tiny_llama", "objective.rewards=[digits]", "data.batch_size=4", "objective.num_generations=4",
@@ -39,15 +40,10 @@ def other_engine(prompts, objective):
 
 
 def build(mode: str, clip_max: float | None):
-    cfg = compose(["plugin=grpo", *SMOKE, f"objective.rollout_func={__file__}:other_engine",
-                   f"objective.vllm_importance_sampling_mode={mode}",
-                   f"objective.vllm_importance_sampling_clip_max={clip_max if clip_max is not None else 'null'}"])
-    dm, objective, adapter = build_components(cfg)
-    module = build_module(cfg, objective, adapter)
-    dm.setup()
-    objective.connect(dm)
-    module.configure_model()
-    return objective, next(iter(dm.train_dataloader()))
+    clip = clip_max if clip_max is not None else "null"
+    return built_objective(["plugin=grpo", *SMOKE, f"objective.rollout_func={__file__}:other_engine",
+                            f"objective.vllm_importance_sampling_mode={mode}",
+                            f"objective.vllm_importance_sampling_clip_max={clip}"])
 
 
 def grads(objective, batch) -> torch.Tensor:
